@@ -1,0 +1,110 @@
+"""The training loop on tiny data: what a fold leaves on disk, exact resume after a kill, reuse of finished folds."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from utils import train
+from utils.config import TrainConfig
+
+
+def tiny_split(n=24, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    percentage = rng.integers(0, 101, n).astype(float)
+    # images whose brightness carries the label, so the loss can fall
+    images = (rng.normal(0, 10, (n, size, size, 3)) + percentage[:, None, None, None] * 2).clip(0, 255).astype(np.uint8)
+    frame = pd.DataFrame({"name": [f"Image_{i:04d}.png" for i in range(n)], "percentage": percentage,
+                          "subject": np.arange(n) // 4, "fold": (np.arange(n) // 4) % 2})
+    return train.SplitImages(frame, images)
+
+
+def tiny_config(**overrides):
+    values = dict(model_name="tiny", arch="resnet18", head="ldl", pooling="hybrid", img_size=32, epochs=3,
+                  warmup_epochs=1, batch_size=4, lr=0.01, save_last_k=2, folds=[0], randaug_n=0, device="cpu",
+                  num_workers=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    torch.set_num_threads(1)
+
+
+def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
+    split = tiny_split()
+    val = train.SplitImages(pd.DataFrame({"name": ["v1.png", "v2.png"], "percentage": [np.nan] * 2}),
+                            split.images[:2].copy())
+    cfg = tiny_config(randaug_n=2, max_steps_per_epoch=2)
+    predictions = train.train_fold(cfg, 0, split, tmp_path / "fold0", {"Val": val}, progress=False, log=lambda m: None)
+    held_out = split.frame.loc[split.frame["fold"] == 0, "name"]
+    assert sorted(p.name for p in (tmp_path / "fold0").glob("checkpoint_epoch*.pt")) == \
+        ["checkpoint_epoch001.pt", "checkpoint_epoch002.pt"]  # the last k=2 of 3 epochs
+    assert not (tmp_path / "fold0" / "state.pt").exists()
+    assert set(predictions["epoch"]) == {1, 2}
+    assert set(predictions.loc[predictions["split"] == "oof", "name"]) == set(held_out)
+    assert (predictions.groupby(["split", "epoch"]).size().to_dict()
+            == {("Val", 1): 2, ("Val", 2): 2, ("oof", 1): len(held_out), ("oof", 2): len(held_out)})
+    history = pd.read_csv(tmp_path / "fold0" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2] and history["valid_MAE"].notna().all()
+    state = torch.load(tmp_path / "fold0" / "checkpoint_epoch002.pt", weights_only=True)  # plain state dict
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    split = tiny_split()
+    cfg = tiny_config(optimizer="sam")
+    reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False, log=lambda m: None)
+
+    calls = {"n": 0}
+    real_call = train.StepRunner.__call__
+
+    def dies_in_epoch_two(self, images, targets):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 12 training slices, batch 4: 3 steps per epoch; dies in epoch 2
+            raise KeyboardInterrupt("simulated kill")
+        return real_call(self, images, targets)
+
+    monkeypatch.setattr(train.StepRunner, "__call__", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False, log=lambda m: None)
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(train.StepRunner, "__call__", real_call)
+    messages = []
+    resumed = train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False, log=messages.append)
+    assert any("resuming after epoch 1" in m for m in messages)
+    pd.testing.assert_frame_equal(resumed, reference)  # same data order + same momentum => same predictions
+    for name in ("checkpoint_epoch001.pt", "checkpoint_epoch002.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(tmp_path / "killed" / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_fold_is_reused_not_retrained(tmp_path, monkeypatch):
+    split = tiny_split()
+    cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
+    first = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    monkeypatch.setattr(train, "build_model_for", lambda *a, **k: pytest.fail("a finished fold must not train again"))
+    again = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_sam_loss_falls_on_learnable_data(tmp_path):
+    split = tiny_split(n=32)
+    cfg = tiny_config(head="exp", epochs=4, save_last_k=1, lr=0.02, randaug_n=0)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    history = pd.read_csv(tmp_path / "f" / "history.csv")
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+
+def test_epoch_shuffle_sampler_is_a_function_of_seed_and_epoch():
+    a, b = train.EpochShuffleSampler(10, seed=3), train.EpochShuffleSampler(10, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(10))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+def test_missing_fold_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="fold 7 has no slices"):
+        train.train_fold(tiny_config(folds=[7]), 7, tiny_split(), tmp_path / "f", progress=False)

@@ -1,0 +1,468 @@
+"""Reading the Per-COVID-19 challenge data: label CSVs, split folders, slice images and a decoded-image cache.
+
+The challenge (Bougourzi et al., J. Imaging 2021, 7(9):189, the dataset description) ships CT slices as
+512x512 8-bit RGBA PNGs in `Train/`, `Val/` and `Test/` folders, with a headerless CRLF label file
+`Image_0000.png,0.0,0` = slice name, infection percentage (0-100), subject (CT scan) id. The paper ("Revitalizing
+regression tasks through modern training procedures", its method) feeds the slices, resized to the backbone's input
+size, to ImageNet-pretrained CNNs; this module turns a download into `name, path, percentage, subject` frames and
+uint8 image arrays for that.
+
+Decoding 512x512 PNGs is the slow step of a CPU data pipeline, so `cached_images` decodes every slice of a split once
+per (size, channels) into one `.npy` file that all folds, models and notebooks of a run share through a read-only
+memmap.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+SPLITS = ("Train", "Val", "Test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# Folder names accepted for each split (compared case-insensitively).
+SPLIT_FOLDER_NAMES = {
+    "Train": ("train", "training"),
+    "Val": ("val", "valid", "validation"),
+    "Test": ("test", "testing"),
+}
+# Bump when load_image's output for the same file changes, so old caches are not reused.
+_CACHE_FORMAT_VERSION = "1"
+
+
+class DataError(ValueError):
+    """Bad or inconsistent input data; the message names the file/row and how to fix it."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A required folder or file is missing."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------------------
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """Read a Per-COVID-19 label CSV into columns `name` (str), `percentage` (float), `subject` (Int64).
+
+    The official file has no header, CRLF line ends and rows `Image_0000.png,0.0,0`; a header row (detected by a
+    non-numeric second field in row 1), LF line ends and two-column files (`name,percentage`, subject <NA>) are
+    accepted too. Blank lines are skipped. Raises DataError naming the file and row for a non-numeric, NaN or
+    out-of-range [0, 100] percentage, a non-integer subject, a duplicate name, a wrong column count or an empty file.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise DataNotFoundError(f"label file {path} not found: pass the path of the split's label CSV")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = [(line_no, row) for line_no, row in enumerate(csv.reader(handle), start=1)]
+    rows = [(line_no, [field.strip() for field in row]) for line_no, row in rows if any(f.strip() for f in row)]
+    if not rows:
+        raise DataError(f"label file {path} is empty: expected rows like 'Image_0000.png,0.0,0'")
+    first_line, first_row = rows[0]
+    if len(first_row) >= 2 and not _is_number(first_row[1]):
+        rows = rows[1:]  # a header such as "name,percentage,subject"
+        if not rows:
+            raise DataError(f"label file {path} has a header but no data rows")
+    n_columns = len(rows[0][1])
+    names: list[str] = []
+    percentages: list[float] = []
+    subjects: list[object] = []
+    first_row_of_name: dict[str, int] = {}
+    for line_no, row in rows:
+        where = f"{path}, row {line_no}"
+        if len(row) not in (2, 3) or len(row) != n_columns:
+            raise DataError(
+                f"{where}: expected {n_columns if n_columns in (2, 3) else '2 or 3'} comma-separated columns "
+                f"(name,percentage[,subject]), got {len(row)}: {','.join(row)!r}; fix that row"
+            )
+        name, percentage_text = row[0], row[1]
+        if not name:
+            raise DataError(f"{where}: empty image name; every row must start with a file name like Image_0000.png")
+        try:
+            percentage = float(percentage_text)
+        except ValueError:
+            raise DataError(f"{where}: percentage {percentage_text!r} is not a number; write e.g. 12.0") from None
+        if not math.isfinite(percentage) or not 0.0 <= percentage <= 100.0:
+            raise DataError(
+                f"{where}: percentage {percentage_text!r} is not in [0, 100]; the label is 100 x infected lung "
+                f"area / lung area, fix the value"
+            )
+        if name in first_row_of_name:
+            raise DataError(
+                f"{where}: duplicate name {name!r} (first on row {first_row_of_name[name]}); keep one row per slice"
+            )
+        first_row_of_name[name] = line_no
+        subject: object = pd.NA
+        if n_columns == 3:
+            try:
+                subject_value = float(row[2])
+            except ValueError:
+                subject_value = math.nan
+            if not math.isfinite(subject_value) or subject_value != int(subject_value):
+                raise DataError(f"{where}: subject {row[2]!r} is not an integer id; write the CT scan number, e.g. 7")
+            subject = int(subject_value)
+        names.append(name)
+        percentages.append(percentage)
+        subjects.append(subject)
+    return pd.DataFrame(
+        {
+            "name": pd.Series(names, dtype=object),
+            "percentage": pd.Series(percentages, dtype="float64"),
+            "subject": pd.array(subjects, dtype="Int64"),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding and reading a split
+# --------------------------------------------------------------------------------------------------------------
+def _canonical_split(split: str) -> str:
+    for canonical, aliases in SPLIT_FOLDER_NAMES.items():
+        if split.lower() == canonical.lower() or split.lower() in aliases:
+            return canonical
+    raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
+
+
+def _is_image_file(path: Path) -> bool:
+    # Hidden files (macOS "._Image_0000.png" forks, ".DS_Store") are never slices.
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image_file(p))
+
+
+def _visible_subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_split_dir(data_dir: str | os.PathLike, split: str) -> Path | None:
+    """The folder of `split` inside `data_dir` (names matched case-insensitively), or None when there is none."""
+    canonical = _canonical_split(split)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataNotFoundError(f"data folder {root} not found: point --data at the folder that holds Train/ and Val/")
+    matches = [p for p in _visible_subfolders(root) if p.name.lower() in SPLIT_FOLDER_NAMES[canonical]]
+    if len(matches) > 1:
+        raise DataError(
+            f"{root} has several {canonical} folders ({', '.join(p.name for p in matches)}): keep one, or pass "
+            f"images_dir/labels_csv explicitly"
+        )
+    return matches[0] if matches else None
+
+
+def find_images_dir(split_dir: Path) -> Path | None:
+    """The folder with the slices: `split_dir` itself or its only subfolder holding images; None when none has any."""
+    candidates = [split_dir] if _image_files(split_dir) else []
+    candidates += [p for p in _visible_subfolders(split_dir) if _image_files(p)]
+    if len(candidates) > 1:
+        raise DataError(
+            f"{split_dir}: images found in several folders ({', '.join(str(p) for p in candidates)}); "
+            f"pass images_dir= to say which holds the slices"
+        )
+    return candidates[0] if candidates else None
+
+
+def find_labels_csv(split_dir: Path, split: str) -> Path | None:
+    """The label CSV in `split_dir` or one level below, or None. Several CSVs: the one named like the split wins."""
+    canonical = _canonical_split(split)
+    found = sorted(p for p in split_dir.glob("*.csv") if not p.name.startswith("."))
+    for sub in _visible_subfolders(split_dir):
+        found += sorted(p for p in sub.glob("*.csv") if not p.name.startswith("."))
+    if len(found) > 1:
+        named = [p for p in found if p.stem.lower() in SPLIT_FOLDER_NAMES[canonical]]
+        if len(named) == 1:
+            return named[0]
+        raise DataError(
+            f"{split_dir}: several label CSVs ({', '.join(str(p) for p in found)}); pass labels_csv= to choose one"
+        )
+    return found[0] if found else None
+
+
+def _first(names: Sequence[str], count: int = 5) -> str:
+    shown = ", ".join(list(names)[:count])
+    return shown + (", ..." if len(names) > count else "")
+
+
+def load_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    images_dir: str | os.PathLike | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    require_labels: bool | None = None,
+) -> pd.DataFrame | None:
+    """The slices of one split as a frame `name, path (absolute str), percentage (NaN without labels), subject`.
+
+    Sorted by name. Folders are found inside `data_dir` (see `find_split_dir`, `find_images_dir`,
+    `find_labels_csv`) unless `images_dir`/`labels_csv` are given (each independently). Returns None when an
+    optional split (Val, Test) has no folder; a missing Train folder is an error. `require_labels` defaults to True
+    for Train only. With labels, every CSV row needs its image and every image needs its row.
+    """
+    canonical = _canonical_split(split)
+    if require_labels is None:
+        require_labels = canonical == "Train"
+    # With an explicit images_dir the data folder is optional (it may still hold the split's label CSV).
+    split_dir = find_split_dir(data_dir, canonical) if images_dir is None or Path(data_dir).is_dir() else None
+    if images_dir is None:
+        if split_dir is None:
+            if canonical == "Train":
+                raise DataNotFoundError(
+                    f"no Train folder in {data_dir}: expected {Path(data_dir) / 'Train'} with the slices and the "
+                    f"label CSV (or pass images_dir= and labels_csv=)"
+                )
+            return None
+        found_dir = find_images_dir(split_dir)
+        if found_dir is None:
+            raise DataError(f"{split_dir}: no .png/.jpg images in it or in its subfolders; add the {canonical} slices")
+        image_dir = found_dir
+    else:
+        image_dir = Path(images_dir)
+        if not image_dir.is_dir():
+            raise DataNotFoundError(f"images folder {image_dir} not found")
+    if labels_csv is None and split_dir is not None:
+        labels_path = find_labels_csv(split_dir, canonical)
+    else:
+        labels_path = Path(labels_csv) if labels_csv is not None else None
+    if labels_path is None and require_labels:
+        raise DataNotFoundError(
+            f"no label CSV for {canonical} in {split_dir or image_dir}: put {canonical}.csv (rows "
+            f"'Image_0000.png,0.0,0') there or pass labels_csv="
+        )
+
+    files = {p.name: p for p in _image_files(image_dir)}
+    if not files:
+        raise DataError(f"{image_dir}: no .png/.jpg images; add the {canonical} slices")
+    if labels_path is not None:
+        labels = read_labels(labels_path)
+        missing = [name for name in labels["name"] if name not in files]
+        if missing:
+            raise DataError(
+                f"{labels_path}: {len(missing)} labelled slice(s) have no image in {image_dir} "
+                f"({_first(missing)}); copy the images or remove those rows"
+            )
+        unlabelled = sorted(set(files) - set(labels["name"]))
+        if unlabelled:
+            raise DataError(
+                f"{image_dir}: {len(unlabelled)} image(s) have no row in {labels_path} ({_first(unlabelled)}); "
+                f"add their labels or move them out of the folder"
+            )
+        frame = labels.copy()
+    else:
+        frame = pd.DataFrame(
+            {
+                "name": pd.Series(sorted(files), dtype=object),
+                "percentage": np.full(len(files), np.nan),
+                "subject": pd.array([pd.NA] * len(files), dtype="Int64"),
+            }
+        )
+    frame["path"] = [str(files[name].absolute()) for name in frame["name"]]
+    frame = frame.sort_values("name", kind="stable").reset_index(drop=True)
+    return frame[["name", "path", "percentage", "subject"]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_luminance(image: Image.Image) -> Image.Image:
+    """Grayscale (mode L) version of any PIL image; 16-bit/int/float modes are assumed to span 0..65535."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's convert("L") clips 16-bit values at 255 (a white image); scale the 16-bit range instead.
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "L":
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    # RGB/RGBA/LA/CMYK/1 -> L uses ITU-R 601 luminance and ignores alpha (alpha is all 255 in the challenge PNGs).
+    return image.convert("L")
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """Decode one slice to uint8 (size, size, channels): grayscale luminance, bilinear resize, gray replicated to 3.
+
+    CT slices are grayscale whatever their file mode (the challenge PNGs are RGBA with R=G=B), so every image goes
+    to L first and is replicated when `channels` is 3. Unreadable or truncated files raise DataError naming the path.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file raises here instead of yielding a half image
+            gray = _to_luminance(image)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"image {path} not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode image {path} ({error}); replace the file with a valid PNG/JPEG") from None
+    if gray.size != (size, size):
+        gray = gray.resize((size, size), Image.BILINEAR)  # PIL's bilinear widens its kernel when downscaling
+    array = np.asarray(gray, dtype=np.uint8)
+    if channels == 3:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    return array[:, :, None].copy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoded-image cache
+# --------------------------------------------------------------------------------------------------------------
+def _cache_key(frame: pd.DataFrame) -> str:
+    digest = hashlib.sha1(f"format={_CACHE_FORMAT_VERSION}\n".encode())
+    for name, path in zip(frame["name"], frame["path"]):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise DataNotFoundError(f"image {path} not found (listed for slice {name})") from None
+        digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _split_tag(split: str) -> str:
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", split).strip("-").lower()
+    if not tag:
+        raise ValueError(f"split name {split!r} has no letters or digits; use e.g. 'train'")
+    return tag
+
+
+def cache_path(frame: pd.DataFrame, cache_dir: str | os.PathLike, size: int, channels: int, split: str) -> Path:
+    """Where `cached_images` keeps the frame's decoded images: `<split>_<size>px_<channels>ch_<hash>.npy`."""
+    return Path(cache_dir) / f"{_split_tag(split)}_{size}px_{channels}ch_{_cache_key(frame)}.npy"
+
+
+def _decode_job(job: tuple[str, int, int]) -> np.ndarray:
+    path, size, channels = job
+    return load_image(path, size, channels)
+
+
+def _iterate_decoded(paths: list[str], size: int, channels: int, num_workers: int) -> Iterable[np.ndarray]:
+    jobs = [(path, size, channels) for path in paths]
+    if num_workers <= 0 or len(jobs) < 2:
+        for job in jobs:
+            yield _decode_job(job)
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(num_workers) as pool:
+        chunk = max(1, min(32, len(jobs) // (4 * num_workers)))
+        yield from pool.imap(_decode_job, jobs, chunksize=chunk)  # imap keeps frame order
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cached_images(
+    frame: pd.DataFrame,
+    cache_dir: str | os.PathLike,
+    size: int,
+    channels: int,
+    split: str,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """All images of `frame` (column `path`), decoded by `load_image`, as a read-only uint8 memmap (N, size, size, C).
+
+    Rows follow the frame's order. The cache file is keyed by split, size, channels and a hash of the slices' names,
+    byte sizes and modification times, so it is rebuilt only when a source file changes and is shared by every
+    fold/model/notebook that asks for the same images. It is written to `<file>.tmp-<pid>` and renamed when
+    complete (a killed run leaves no half cache); older caches of the same split/size/channels are then deleted.
+    `num_workers` > 0 decodes in that many processes.
+    """
+    if len(frame) == 0:
+        raise DataError(f"no slices to cache for split {split!r}: the frame is empty")
+    if "path" not in frame.columns:
+        raise ValueError("frame needs a 'path' column (use load_split to build it)")
+    directory = Path(cache_dir)
+    target = cache_path(frame, directory, size, channels, split)
+    shape = (len(frame), size, size, channels)
+    if target.is_file():
+        try:
+            cached = np.load(target, mmap_mode="r")
+            if cached.shape == shape and cached.dtype == np.uint8:
+                return cached
+        except (OSError, ValueError):
+            pass  # unreadable cache: rebuild below
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        output = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        decoded = _iterate_decoded(list(frame["path"]), size, channels, num_workers)
+        if progress:
+            from tqdm.auto import tqdm
+
+            decoded = tqdm(decoded, total=len(frame), desc=f"decoding {split} {size}px", unit="img")
+        for index, image in enumerate(decoded):
+            output[index] = image
+        output.flush()
+        del output
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    prefix = target.name.rsplit("_", 1)[0] + "_"
+    for old in directory.glob(prefix + "*.npy*"):
+        if old == target:
+            continue
+        if ".tmp-" in old.name:
+            pid_text = old.name.rsplit(".tmp-", 1)[1]
+            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+                continue  # another live run is writing it
+        old.unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------------
+class SliceDataset(torch.utils.data.Dataset):
+    """(image tensor float32 CHW, target float32 scalar) pairs from a uint8 (N, H, W, C) array and its targets.
+
+    The transform (see utils.augment.build_transform) does augmentation, normalisation and the tensor conversion;
+    the target is NaN when `targets` is None (unlabelled Val/Test slices).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray | None,
+        transform: Callable[[np.ndarray], torch.Tensor],
+    ) -> None:
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.transform(np.asarray(self.images[index]))
+        target = math.nan if self.targets is None else float(self.targets[index])
+        return image, torch.tensor(target, dtype=torch.float32)

@@ -1,0 +1,125 @@
+"""Averaging predictions: kept checkpoints -> folds -> models (the paper's Section 3.4 / Tables 1-2).
+
+Each trained fold leaves `predictions.csv` (split, name, epoch, prediction) for its last-k checkpoints.
+1. Checkpoints: the mean over a fold's kept epochs (the seed team averaged the last 5 epochs' predictions).
+2. Folds: "oof" rows come from the one fold that held the slice out; Val/Test rows are the mean over folds.
+3. Models: the mean over models, clipped to [0, 100], rounded half up (the seed's rule: 12.5 -> 13, not
+   Python's banker's 12); rounding is switchable because the unrounded mean is what pseudo-labels want.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from utils.config import RunPaths
+from utils.metrics import score
+
+OOF = "oof"
+
+
+def round_half_up(values: np.ndarray | pd.Series) -> np.ndarray:
+    """0.5 always rounds up (np.round would send 12.5 to 12): the seed team's submission rule."""
+    return np.floor(np.asarray(values, dtype=np.float64) + 0.5)
+
+
+def load_predictions(run_dir: str | Path, model_names: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every kept checkpoint's predictions of a run: columns model, fold, split, name, epoch, prediction."""
+    frames = []
+    for path in sorted(RunPaths(run_dir).models.glob("*/fold*/predictions.csv")):
+        model_name, fold = path.parent.parent.name, int(path.parent.name.removeprefix("fold"))
+        if model_names is None or model_name in set(model_names):
+            frames.append(pd.read_csv(path).assign(model=model_name, fold=fold))
+    if not frames:
+        raise FileNotFoundError(f"no predictions under {RunPaths(run_dir).models}/*/fold*/predictions.csv: "
+                                "run notebooks/02_train.ipynb first")
+    return pd.concat(frames, ignore_index=True)
+
+
+def average_checkpoints_and_folds(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One prediction per (model, split, name): the mean over kept epochs, then over folds (OOF: its one fold)."""
+    per_fold = predictions.groupby(["model", "split", "name", "fold"], as_index=False)["prediction"].mean()
+    return per_fold.groupby(["model", "split", "name"], as_index=False).agg(
+        prediction=("prediction", "mean"), n_folds=("fold", "nunique"))
+
+
+def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None, rounding: bool = True) -> pd.DataFrame:
+    """The ensemble: mean over models, clipped to [0, 100], rounded half up when `rounding`.
+
+    Only slices that every chosen model predicted are kept (OOF coverage differs when models trained other folds).
+    """
+    models = list(models) if models is not None else sorted(per_model["model"].unique())
+    chosen = per_model[per_model["model"].isin(models)]
+    missing = sorted(set(models) - set(chosen["model"]))
+    if missing:
+        raise ValueError(f"no predictions for models {missing}; available: {sorted(per_model['model'].unique())}")
+    wide = chosen.pivot_table(index=["split", "name"], columns="model", values="prediction").dropna()
+    values = np.clip(wide.mean(axis=1).to_numpy(), 0.0, 100.0)
+    if rounding:
+        values = round_half_up(values)
+    return pd.DataFrame({"split": wide.index.get_level_values("split"), "name": wide.index.get_level_values("name"),
+                         "prediction": values}).reset_index(drop=True)
+
+
+def oof_table(per_model: pd.DataFrame, truth: pd.DataFrame, ensemble_oof: pd.DataFrame | None = None,
+              folds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Tables 1-2 of the paper on out-of-fold slices: MAE, PC, RMSE per model (and the ensemble), plus the
+    per-fold MAE mean and spread when `folds` (name, fold) is given."""
+    rows = []
+    candidates = [(m, g) for m, g in per_model[per_model["split"] == OOF].groupby("model")]
+    if ensemble_oof is not None:
+        candidates.append(("ensemble", ensemble_oof[ensemble_oof["split"] == OOF]))
+    for model_name, group in candidates:
+        merged = group.merge(truth[["name", "percentage"]], on="name")
+        row = {"model": model_name, "n_slices": len(merged),
+               **score(merged["prediction"].to_numpy(), merged["percentage"].to_numpy())}
+        if folds is not None:
+            merged = merged.merge(folds[["name", "fold"]], on="name")
+            per_fold = merged.groupby("fold").apply(
+                lambda g: np.mean(np.abs(g["prediction"] - g["percentage"])), include_groups=False)
+            row.update(fold_MAE_mean=per_fold.mean(), fold_MAE_std=per_fold.std(ddof=0), n_folds=len(per_fold))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("MAE", kind="stable").reset_index(drop=True)
+
+
+def greedy_selection(per_model: pd.DataFrame, truth: pd.DataFrame, max_models: int | None = None) -> list[str]:
+    """Forward selection on OOF MAE (Caruana et al. 2004, without replacement): add the model that lowers the
+    ensemble's OOF MAE most; stop when none does."""
+    remaining = sorted(per_model["model"].unique())
+    chosen: list[str] = []
+    best = np.inf
+    while remaining and (max_models is None or len(chosen) < max_models):
+        trials = {}
+        for candidate in remaining:
+            oof = combine_models(per_model[per_model["split"] == OOF], chosen + [candidate], rounding=True)
+            merged = oof.merge(truth[["name", "percentage"]], on="name")
+            if len(merged):
+                trials[candidate] = float(np.mean(np.abs(merged["prediction"] - merged["percentage"])))
+        if not trials:
+            break
+        candidate, mae = min(trials.items(), key=lambda kv: kv[1])
+        if mae >= best:
+            break
+        chosen.append(candidate)
+        remaining.remove(candidate)
+        best = mae
+    return chosen
+
+
+def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence[str], stem: str = "ensemble") -> Path:
+    """Save the ensemble's predictions (split, name, prediction) and the models it averaged."""
+    from utils.config import atomic_write_text
+
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
+    atomic_write_text(out_dir / f"{stem}.csv", combined.to_csv(index=False))
+    return out_dir / f"{stem}.csv"
+
+
+def read_ensemble_models(out_dir: str | Path, stem: str = "ensemble") -> list[str]:
+    path = Path(out_dir) / f"{stem}_models.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run notebooks/03_ensemble.ipynb first")
+    return [line for line in path.read_text().splitlines() if line]

@@ -1,0 +1,96 @@
+"""Losses of the paper (eq 1-3), one function each.
+
+Notation: y in [0, 100] is the infection percentage of a slice; the exp/ldl heads give logits over the 101 integer
+bins i = 0..100 and p = softmax(logits) (see ``utils.models``).
+
+* eq 1 (expectation loss):  L_exp = SmoothL1(E, y)   with E = sum_i i * p_i            -> ``head_loss`` "l1_exp"
+* eq 2 (regression loss):   L_reg = SmoothL1(f2(p), y) (reg head: SmoothL1(linear, y)) -> ``head_loss`` "l1_reg"
+* eq 3 (label distribution): t_y(i) = 0.6 if i = y, 0.15 if |i - y| = 1, 0.05 if |i - y| = 2, else 0
+  -> ``target_distribution``; the ldl head adds KL(t_y || p) -> ``kl_to_target``.
+
+Totals per head: ``reg`` = eq 2; ``exp`` = eq 1 + eq 2; ``ldl`` = eq 1 + eq 2 + kl_weight * KL.
+SmoothL1 uses beta = 1 and the batch mean. All losses are computed in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NUM_BINS = 101
+HEADS = ("reg", "exp", "ldl")
+# eq 3: weight of the bins at offsets -2, -1, 0, +1, +2 from the label.
+LABEL_KERNEL = (0.05, 0.15, 0.6, 0.15, 0.05)
+
+
+def check_targets(target: torch.Tensor, low: float = 0.0, high: float = 100.0) -> None:
+    """Raise ValueError if any target is NaN or outside [low, high] (never clamp silently)."""
+    target = torch.as_tensor(target)
+    bad = torch.isnan(target) | (target < low) | (target > high)
+    num_bad = int(bad.sum())
+    if num_bad:
+        index = int(bad.flatten().nonzero()[0])
+        example = float(target.flatten()[index])
+        raise ValueError(f"{num_bad} of {target.numel()} targets are NaN or outside [{low:g}, {high:g}] "
+                         f"(e.g. index {index}: {example}); fix the labels (percentages must lie in 0..100)")
+
+
+def target_distribution(percentage: torch.Tensor, num_bins: int = NUM_BINS) -> torch.Tensor:
+    """Label distribution of eq 3, shape (B, num_bins); each row sums to 1.
+
+    For an integer label y: t(y) puts 0.6 on bin y, 0.15 on y +- 1 and 0.05 on y +- 2.
+    Mass that would fall outside [0, num_bins - 1] is folded back onto the nearest valid bin, so the distribution
+    keeps its total mass and its peak at the label: y = 0 gives bins 0, 1, 2 = 0.8, 0.15, 0.05; y = 1 gives
+    bins 0..3 = 0.2, 0.6, 0.15, 0.05 (symmetrically at 100 and 99).
+    A non-integer label (pseudo-labels are floats) is split linearly between its neighbouring integers:
+    t(y) = (1 - frac) * t(floor y) + frac * t(floor y + 1), with frac = y - floor y.
+    """
+    percentage = torch.as_tensor(percentage, dtype=torch.float64).flatten()
+    check_targets(percentage, 0.0, num_bins - 1)
+    # floor clamped to num_bins - 2 so that y = 100 becomes 99 + frac 1 (the upper neighbour exists).
+    lower = percentage.floor().clamp(0, num_bins - 2)
+    frac = percentage - lower
+    dist = torch.zeros(percentage.numel(), num_bins, dtype=torch.float64, device=percentage.device)
+    for base, base_weight in ((lower, 1.0 - frac), (lower + 1, frac)):
+        for offset, kernel_weight in zip(range(-2, 3), LABEL_KERNEL):
+            bins = (base + offset).clamp(0, num_bins - 1).long().unsqueeze(1)  # fold back onto the edge
+            dist.scatter_add_(1, bins, (base_weight * kernel_weight).unsqueeze(1))
+    dist = dist / dist.sum(dim=1, keepdim=True)  # exact to float rounding; guards the float32 cast below
+    return dist.float()
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SmoothL1 with beta = 1, batch mean (eq 1 and eq 2): 0.5 d^2 if |d| < 1 else |d| - 0.5."""
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="mean")
+
+
+def kl_to_target(logits: torch.Tensor, target_dist: torch.Tensor) -> torch.Tensor:
+    """KL(t || softmax(logits)) = sum_i t_i (log t_i - log p_i), averaged over the batch (ldl head)."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_dist.float(), reduction="batchmean")
+
+
+def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
+              kl_weight: float = 1.0, check: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training loss of one head: (total loss tensor, parts as detached 0-dim tensors).
+
+    reg: eq 2.  exp: eq 1 + eq 2.  ldl: eq 1 + eq 2 + kl_weight * KL(t || p), t from eq 3.
+    ``outputs`` is the model's dict (``"reg"``, and for exp/ldl ``"expectation"``, ``"logits"``).
+    Parts keys: ``loss`` and those used of ``l1_reg``, ``l1_exp``, ``kl`` (kl unweighted). Parts stay on the
+    device (``float(part)`` to log) so the training step never waits for the GPU; ``check=False`` skips the
+    NaN/range check of the targets, for callers that checked them on the host already (it syncs on a GPU).
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+    target = target.float().flatten()
+    if check:
+        check_targets(target)
+    parts = {"l1_reg": smooth_l1(outputs["reg"].flatten(), target)}  # eq 2
+    total = parts["l1_reg"]
+    if head in ("exp", "ldl"):
+        parts["l1_exp"] = smooth_l1(outputs["expectation"].flatten(), target)  # eq 1
+        total = total + parts["l1_exp"]
+    if head == "ldl":
+        logits = outputs["logits"]
+        parts["kl"] = kl_to_target(logits, target_distribution(target, num_bins=logits.shape[1]))  # eq 3 + KL
+        total = total + kl_weight * parts["kl"]
+    parts["loss"] = total
+    return total, {name: value.detach() for name, value in parts.items()}

@@ -1,0 +1,133 @@
+"""Figures and tables the notebooks show (seaborn/matplotlib), each also saved as PNG under runs/<name>/figures/.
+
+Notebooks call one function per figure so that they stay a readable report; nothing here computes results.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from PIL import Image
+
+from utils.folds import SEVERITY_CLASSES, severity_class
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
+    """Save a figure as PNG (the notebook also displays it)."""
+    path = Path(figures_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def with_severity(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out["severity"] = pd.Categorical(severity_class(out["percentage"].to_numpy()), categories=SEVERITY_CLASSES,
+                                     ordered=True)
+    return out
+
+
+def label_overview(labels: pd.DataFrame) -> plt.Figure:
+    """Label histogram, severity class counts and slices per subject, side by side."""
+    labels = with_severity(labels)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    sns.histplot(labels["percentage"], bins=np.arange(0, 102, 2), ax=axes[0])
+    axes[0].set(title="infection percentage", xlabel="% of lung infected", ylabel="slices")
+    sns.countplot(data=labels, x="severity", order=SEVERITY_CLASSES, ax=axes[1])
+    axes[1].set(title="severity classes", xlabel="", ylabel="slices")
+    axes[1].tick_params(axis="x", rotation=30)
+    if labels["subject"].notna().any():
+        per_subject = labels.groupby("subject").size()
+        sns.histplot(per_subject, discrete=True, ax=axes[2])
+    axes[2].set(title="slices per subject (CT scan)", xlabel="slices", ylabel="subjects")
+    fig.tight_layout()
+    return fig
+
+
+def image_census(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Count images by (size, mode, format) from their headers only (no decoding)."""
+    rows = []
+    for path in frame["path"]:
+        with Image.open(path) as image:
+            rows.append((f"{image.size[0]}x{image.size[1]}", image.mode, image.format))
+    census = pd.DataFrame(rows, columns=["size", "mode", "format"]).value_counts().rename("images").reset_index()
+    return census.assign(split=split)[["split", "size", "mode", "format", "images"]]
+
+
+def sample_grid(frame: pd.DataFrame, images: np.ndarray, per_class: int = 4, seed: int = 0) -> plt.Figure:
+    """A few slices of each severity class present, with their labels."""
+    frame = with_severity(frame.reset_index(drop=True))
+    classes = [c for c in SEVERITY_CLASSES if (frame["severity"] == c).any()]
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(2.4 * per_class, 2.5 * len(classes)), squeeze=False)
+    rng = np.random.default_rng(seed)
+    for row, name in zip(axes, classes):
+        index = np.flatnonzero(frame["severity"].to_numpy() == name)
+        picks = rng.choice(index, size=min(per_class, len(index)), replace=False)
+        for ax in row:
+            ax.axis("off")
+        for ax, i in zip(row, picks):
+            ax.imshow(images[i][..., 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{name}: {frame['percentage'][i]:.0f}%", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fold_severity_mix(folds: pd.DataFrame) -> plt.Figure:
+    """Share of each severity class per fold, next to the whole set: stratification at a glance."""
+    shares = (pd.crosstab(folds["fold"].astype(str), folds["severity"], normalize="index")
+              .reindex(columns=[c for c in SEVERITY_CLASSES if c in set(folds["severity"])]))
+    overall = folds["severity"].value_counts(normalize=True).reindex(shares.columns).rename("all")
+    shares = pd.concat([shares, overall.to_frame().T])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    shares.plot(kind="bar", stacked=True, ax=axes[0], colormap="viridis", width=0.8)
+    axes[0].set(title="severity mix per fold", xlabel="fold", ylabel="share of slices")
+    axes[0].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    counts = folds.groupby("fold").agg(slices=("name", "size"), subjects=("subject", "nunique"))
+    counts.plot(kind="bar", ax=axes[1])
+    axes[1].set(title="slices and subjects per fold", xlabel="fold")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: pd.DataFrame) -> plt.Figure:
+    """Training loss and held-out MAE per epoch, one line per fold."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, column, title in zip(axes, ["train_loss", "valid_MAE", "lr"], ["train loss", "held-out fold MAE", "learning rate"]):
+        if column in history:
+            sns.lineplot(data=history, x="epoch", y=column, hue="fold", style="model" if history["model"].nunique() > 1 else None,
+                         marker="o", ax=ax, palette="tab10")
+        ax.set(title=title)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_diagnostics(merged: pd.DataFrame) -> plt.Figure:
+    """Predicted vs true (with the identity line) and residuals by severity class; `merged` has prediction, percentage."""
+    merged = with_severity(merged)
+    merged["residual"] = merged["prediction"] - merged["percentage"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    sns.scatterplot(data=merged, x="percentage", y="prediction", hue="severity", s=14, alpha=0.6, ax=axes[0])
+    axes[0].plot([0, 100], [0, 100], color="black", lw=1)
+    axes[0].set(xlim=(-2, 102), ylim=(-2, 102), title="out-of-fold: predicted vs true", xlabel="true %", ylabel="predicted %")
+    sns.boxplot(data=merged, x="severity", y="residual", order=[c for c in SEVERITY_CLASSES if c in set(merged["severity"])], ax=axes[1])
+    axes[1].axhline(0, color="black", lw=1)
+    axes[1].set(title="residual (predicted - true) by severity", xlabel="")
+    axes[1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def model_comparison(table: pd.DataFrame, metric: str = "MAE") -> plt.Figure:
+    """Bar chart of one metric per model (e.g. Table 3: with vs without pseudo-labels)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(table)), 4))
+    sns.barplot(data=table, x="model", y=metric, ax=ax, color="steelblue")
+    ax.bar_label(ax.containers[0], fmt="%.2f")
+    ax.set(title=f"out-of-fold {metric} per model", xlabel="")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
