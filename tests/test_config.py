@@ -6,12 +6,13 @@ from utils.config import PROFILES_DIR, ConfigError, TrainConfig, load_profile
 
 def test_defaults_are_the_paper_recipe():
     cfg = TrainConfig()
-    assert (cfg.optimizer, cfg.sam_rho, cfg.momentum, cfg.weight_decay, cfg.lr, cfg.batch_size) == ("sam", 0.05, 0.9, 5e-3, 1e-3, 8)
+    assert (cfg.sam, cfg.optimizer, cfg.sam_rho, cfg.momentum, cfg.weight_decay, cfg.lr, cfg.batch_size) == \
+        ("sam", "sgd", 0.05, 0.9, 5e-3, 1e-3, 8)
     assert (cfg.epochs, cfg.warmup_epochs, cfg.img_size, cfg.save_last_k, len(cfg.folds)) == (50, 2.0, 512, 5, 2)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("head", "softmax", "choose one of"), ("pooling", "gem", "choose one of"), ("optimizer", "lamb", "choose one of"),
+    ("head", "softmax", "choose one of"), ("pooling", "gem", "choose one of"), ("optimizer", "lamb", "choose one of"), ("sam", "gsam", "choose one of"),
     ("save_last_k", 99, "save_last_k"), ("in_chans", 4, "in_chans"), ("folds", [], "at least one fold"),
 ])
 def test_bad_values_fail_with_the_fix(field, value, message):

@@ -53,7 +53,7 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
 
 def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch):
     split = tiny_split()
-    cfg = tiny_config(optimizer="sam")
+    cfg = tiny_config(sam="sam")
     reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False, log=lambda m: None)
 
     calls = {"n": 0}

@@ -22,7 +22,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "notebooks" / "profiles"
-OPTIMIZERS = ("sam", "asam", "sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw")
+SAM_MODES = ("sam", "asam", "none")
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     """Everything that defines one model's training; defaults are the paper's recipe (GPU, real data)."""
+    # Fields are papermill parameters of notebooks/02_train.ipynb: keep the two in step.
 
     model_name: str = "resnest50d_exp_hybrid"
     arch: str = "resnest50d"
@@ -43,7 +45,8 @@ class TrainConfig:
     pretrained: bool = False
     pretrained_file: str | None = None
     # optimisation
-    optimizer: str = "sam"  # sam | asam (both wrap SGD) | sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw: the base optimizer
+    sam: str = "sam"  # sam | asam | none: the SAM wrapper around the base optimizer (utils.sam)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-3
@@ -82,6 +85,7 @@ class TrainConfig:
             (self.head in HEADS, f"head={self.head!r}: choose one of {HEADS}"),
             (self.pooling in POOLINGS, f"pooling={self.pooling!r}: choose one of {POOLINGS}"),
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}"),
+            (self.sam in SAM_MODES, f"sam={self.sam!r}: choose one of {SAM_MODES}"),
             (self.in_chans in (1, 3), f"in_chans={self.in_chans}: use 1 (grayscale) or 3 (ImageNet weights)"),
             (self.img_size >= 16, f"img_size={self.img_size}: use at least 16 px"),
             (self.epochs >= 1, f"epochs={self.epochs}: need at least 1"),

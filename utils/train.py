@@ -1,6 +1,6 @@
 """The one training loop: a fold of one model, from a TrainConfig, resumable, with the last-k checkpoints kept.
 
-Per fold (`train_fold`): build the model (utils.models), SAM-wrapped SGD (utils.sam) or a plain optimizer, timm's
+Per fold (`train_fold`): build the model (utils.models), SGD (or AdamW) wrapped in SAM (utils.sam) or plain, timm's
 CosineLRScheduler stepped per update (warm-up then cosine, as in the paper), RandAugment (utils.augment) on the
 decoded-image cache (utils.data); each epoch validates on the held-out fold (the out-of-fold, OOF, slices) and
 saves a resume state; the last `save_last_k` epochs' weights are kept as plain state dicts. At the end each kept
@@ -93,14 +93,15 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The paper: SAM (rho 0.05) wrapping SGD (momentum 0.9, weight decay 5e-3). Plain SGD/AdamW for ablations."""
+    """The paper: SAM (rho 0.05) wrapping SGD (momentum 0.9, weight decay 5e-3); `sam="none"` for the ablation."""
     params = [p for p in model.parameters() if p.requires_grad]
-    sgd_kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer in ("sam", "asam"):
-        return sam.SAM(params, torch.optim.SGD, rho=cfg.sam_rho, adaptive=cfg.optimizer == "asam", **sgd_kwargs)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, **sgd_kwargs)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        base, kwargs = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        base, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.sam == "none":
+        return base(params, **kwargs)
+    return sam.SAM(params, base, rho=cfg.sam_rho, adaptive=cfg.sam == "asam", **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):

@@ -1,0 +1,90 @@
+"""End to end: all six notebooks through papermill on a tiny phantom set, the submission's bytes, resume, CLI errors."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from utils import phantoms, pipeline
+from utils.config import REPO_ROOT
+
+TINY_PROFILE = {
+    "description": "test",
+    "params": {"img_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, "lr": 0.001, "optimizer": "adamw",
+               "sam": "sam", "folds": [0, 1], "n_folds": 3, "save_last_k": 1, "randaug_n": 1, "num_workers": 0},
+    "models": [{"model_name": "a_ldl", "arch": "resnet18", "head": "ldl", "pooling": "hybrid"},
+               {"model_name": "b_reg", "arch": "resnet18", "head": "reg", "pooling": "avg"}],
+    "pseudo_label_models": ["a_ldl"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "phantoms"
+    phantoms.generate_phantoms(data, subjects=12, size=64, seed=3)
+    profile = root / "tiny.yaml"
+    profile.write_text(yaml.safe_dump(TINY_PROFILE))
+    argv = ["--workdir", str(root), "--data", str(data), "--profile", str(profile), "--name", "tiny", "--kernel", "python3"]
+    assert pipeline.main(argv) == 0
+    return root, data, argv
+
+
+def executed_text(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return "\n".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
+                     for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+def test_submission_bytes(tiny_run):
+    root, data, _ = tiny_run
+    csv = root / "submissions" / "tiny.csv"
+    lines = csv.read_bytes().decode().split("\n")
+    assert lines[-1] == "" and all(lines[:-1])  # LF-terminated rows, no blank lines
+    rows = [line.split(",") for line in lines[:-1]]
+    val_images = sorted(p.name for p in (data / "Val").rglob("*.png"))
+    assert [r[0] for r in rows] == val_images  # no header, sorted, every Val image exactly once
+    values = [float(r[1]) for r in rows]
+    assert all(0 <= v <= 100 and v == int(v) for v in values)  # clipped and rounded half up
+    assert (root / "submissions" / "tiny.zip").is_file()
+
+
+def test_every_stage_left_an_executed_notebook(tiny_run):
+    root, _, _ = tiny_run
+    executed = sorted(p.stem for p in (root / "runs" / "tiny" / "notebooks").glob("*.ipynb"))
+    assert executed == ["00_eda", "01_folds", "02_train__a_ldl", "02_train__a_ldl_pl", "02_train__b_reg",
+                        "03_ensemble", "04_pseudo_label", "05_submit"]
+    run = root / "runs" / "tiny"
+    assert (run / "pseudo" / "pseudo_labels.csv").is_file() and (run / "pseudo" / "table3.csv").is_file()
+    assert (run / "ensemble" / "final_models.txt").read_text().split() == ["a_ldl_pl", "b_reg"]
+    assert sorted(p.name for p in (run / "figures").glob("*.png"))  # figures saved next to the notebooks
+    assert "scored against Val labels: MAE" in executed_text(run / "notebooks" / "05_submit.ipynb")
+
+
+def test_rerun_reuses_finished_folds(tiny_run):
+    root, _, argv = tiny_run
+    checkpoints = sorted((root / "runs" / "tiny" / "models").rglob("checkpoint_epoch*.pt"))
+    before = {p: p.stat().st_mtime_ns for p in checkpoints}
+    assert pipeline.main(argv + ["--stages", "02_train"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == before
+    text = executed_text(root / "runs" / "tiny" / "notebooks" / "02_train__a_ldl.ipynb")
+    assert text.count("already done: reusing") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "no_such_profile"], "profile 'no_such_profile' not found"),
+    (["-p", "no_such_param", "3"], "no notebook has such a parameter"),
+    (["--data", "/no/such/folder"], "no such folder"),
+])
+def test_argument_errors_are_clear(tmp_path, capsys, args, message):
+    assert pipeline.main(["--workdir", str(tmp_path), "--stages", "00_eda"] + args) == 1
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_run_all_sh_rejects_bad_arguments():
+    result = subprocess.run([str(REPO_ROOT / "run_all.sh"), "--stages", "nope"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and "unknown stages" in result.stderr
