@@ -108,3 +108,12 @@ def test_epoch_shuffle_sampler_is_a_function_of_seed_and_epoch():
 def test_missing_fold_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="fold 7 has no slices"):
         train.train_fold(tiny_config(folds=[7]), 7, tiny_split(), tmp_path / "f", progress=False)
+
+
+def test_a_fold_trained_with_another_recipe_is_not_reused(tmp_path):
+    split = tiny_split()
+    cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    changed = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1, lr=0.5, num_workers=1)
+    with pytest.raises(ValueError, match=r"another recipe \(lr: 0.01 -> 0.5\)"):
+        train.train_fold(changed, 0, split, tmp_path / "f", progress=False, log=lambda m: None)

@@ -52,8 +52,10 @@ def retrain(run_dir: str | Path, retrain_params: Sequence[dict[str, Any]], kerne
     return names
 
 
-def comparison_table(per_model: pd.DataFrame, truth: pd.DataFrame, retrained: Sequence[str]) -> pd.DataFrame:
-    """Table 3: OOF MAE/PC/RMSE of each retrained model next to its original, on the slices both predicted."""
+def comparison_table(run_dir: str | Path, per_model: pd.DataFrame, truth: pd.DataFrame,
+                     retrained: Sequence[str]) -> pd.DataFrame:
+    """Table 3: OOF MAE/PC/RMSE of each retrained model next to its original, on the slices both predicted;
+    written to pseudo/table3.csv (empty when nothing was retrained, e.g. data without Val/Test)."""
     rows = []
     for name in retrained:
         base = name.removesuffix(PSEUDO_SUFFIX)
@@ -61,7 +63,9 @@ def comparison_table(per_model: pd.DataFrame, truth: pd.DataFrame, retrained: Se
         common = set.intersection(*(set(g["name"]) for _, g in pair.groupby("model"))) if len(pair) else set()
         table = ensemble.oof_table(pair[pair["name"].isin(common)], truth)
         rows.append(table.assign(pseudo_labels=table["model"] == name, base_model=base))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "MAE", "PC", "RMSE"])
+    atomic_write_text(RunPaths(run_dir).pseudo / "table3.csv", table.to_csv(index=False))
+    return table
 
 
 def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequence[str]) -> list[str]:

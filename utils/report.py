@@ -127,6 +127,8 @@ def model_comparison(table: pd.DataFrame, metric: str = "MAE") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(table)), 4))
     sns.barplot(data=table, x="model", y=metric, ax=ax, color="steelblue")
     ax.bar_label(ax.containers[0], fmt="%.2f")
+    if metric == "MAE" and "fold_MAE_std" in table:  # spread over folds, centred on the pooled OOF MAE
+        ax.errorbar(range(len(table)), table["MAE"], yerr=table["fold_MAE_std"], fmt="none", ecolor="black", capsize=4)
     ax.set(title=f"out-of-fold {metric} per model", xlabel="")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -237,6 +237,23 @@ def _training_dataset(train: SplitImages, pseudo: SplitImages | None, transform:
     return dataset
 
 
+# Fields that change how a run executes but not what it learns: a fold may be resumed with other values.
+EXECUTION_ONLY_FIELDS = {"folds", "num_workers", "compile", "device"}
+
+
+def check_same_recipe(cfg: TrainConfig, saved_config: Path) -> None:
+    """Refuse to reuse or resume a fold that was trained with another recipe (a silently stale result)."""
+    if not saved_config.is_file():
+        return
+    saved = TrainConfig.load_yaml(saved_config).to_dict()
+    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items()
+               if k not in EXECUTION_ONLY_FIELDS and saved.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"{saved_config.parent} was trained with another recipe ({listed}); use another model_name "
+                         "or run name, or rerun with --force to discard the run")
+
+
 def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: Path,
                predict_splits: dict[str, SplitImages] | None = None, pseudo: SplitImages | None = None,
                progress: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -246,10 +263,12 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
     """
     fold_dir = Path(fold_dir)
     predictions_csv = fold_dir / "predictions.csv"
+    check_same_recipe(cfg, fold_dir / "config.yaml")
     if predictions_csv.is_file():
         log(f"[{cfg.model_name} fold {fold}] already done: reusing {predictions_csv}")
         return pd.read_csv(predictions_csv)
     fold_dir.mkdir(parents=True, exist_ok=True)
+    check_same_recipe(cfg, fold_dir / "config.yaml")
     cfg.save_yaml(fold_dir / "config.yaml")
 
     is_valid = train_split.frame["fold"].to_numpy() == fold
