@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -323,7 +325,7 @@ def test_cached_images_match_load_image_and_are_read_only(small_split, tmp_path)
     expected = np.stack([data.load_image(p, 16, 3) for p in small_split["path"]])
     np.testing.assert_array_equal(images, expected)
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].startswith("train_16px_3ch_") and files[0].endswith(".npy")
+    assert len(files) == 1 and re.fullmatch(r"train_[0-9a-f]{8}_16px_3ch_[0-9a-f]{12}\.npy", files[0])
     parallel = data.cached_images(small_split, tmp_path / "cache2", 16, 3, "Train", num_workers=2)
     np.testing.assert_array_equal(parallel, expected)
 
@@ -358,12 +360,23 @@ def test_cached_images_reuse_and_invalidation(small_split, tmp_path, monkeypatch
     assert (rebuilt[2] == 7).all()
     np.testing.assert_array_equal(np.delete(np.asarray(rebuilt), 2, axis=0), np.delete(first, 2, axis=0))
     names = sorted(p.name for p in cache.iterdir())
-    assert len(names) == 2 and sum(n.startswith("train_16px_1ch_") for n in names) == 1
+    assert len(names) == 2 and sum("_16px_1ch_" in n for n in names) == 1
 
     # Only the modification time changed: rebuilt too (the key cannot see content without decoding).
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000_000))
     data.cached_images(small_split, cache, 16, 1, "Train")
     assert len(calls) == 12
+
+
+def test_caches_of_another_data_set_are_kept(small_split, tmp_path):
+    cache = tmp_path / "cache"
+    data.cached_images(small_split, cache, 16, 1, "Train")
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    moved = small_split.copy()
+    moved["path"] = [str(shutil.copy(p, elsewhere)) for p in small_split["path"]]
+    data.cached_images(moved, cache, 16, 1, "Train")  # same split/size/channels, another folder
+    assert len(list(cache.glob("*.npy"))) == 2
 
 
 def test_cached_images_follow_frame_order(small_split, tmp_path):

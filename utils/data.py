@@ -343,9 +343,17 @@ def _split_tag(split: str) -> str:
     return tag
 
 
+def _source_tag(frame: pd.DataFrame) -> str:
+    """Short hash of the folders the images live in: caches of different data sets never evict each other."""
+    folders = sorted({str(Path(path).resolve().parent) for path in frame["path"]})
+    return hashlib.sha1("\n".join(folders).encode()).hexdigest()[:8]
+
+
 def cache_path(frame: pd.DataFrame, cache_dir: str | os.PathLike, size: int, channels: int, split: str) -> Path:
-    """Where `cached_images` keeps the frame's decoded images: `<split>_<size>px_<channels>ch_<hash>.npy`."""
-    return Path(cache_dir) / f"{_split_tag(split)}_{size}px_{channels}ch_{_cache_key(frame)}.npy"
+    """Where `cached_images` keeps the frame's decoded images:
+    `<split>_<source folders hash>_<size>px_<channels>ch_<content hash>.npy`."""
+    return Path(cache_dir) / (f"{_split_tag(split)}_{_source_tag(frame)}_{size}px_{channels}ch_"
+                              f"{_cache_key(frame)}.npy")
 
 
 def _decode_job(job: tuple[str, int, int]) -> np.ndarray:
@@ -391,7 +399,8 @@ def cached_images(
     Rows follow the frame's order. The cache file is keyed by split, size, channels and a hash of the slices' names,
     byte sizes and modification times, so it is rebuilt only when a source file changes and is shared by every
     fold/model/notebook that asks for the same images. It is written to `<file>.tmp-<pid>` and renamed when
-    complete (a killed run leaves no half cache); older caches of the same split/size/channels are then deleted.
+    complete (a killed run leaves no half cache); older caches of the same folders/split/size/channels are then
+    deleted (those of other data sets are kept).
     `num_workers` > 0 decodes in that many processes.
     """
     if len(frame) == 0:
