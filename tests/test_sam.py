@@ -85,7 +85,7 @@ def test_asam_perturbation_formula():
     sam_e_w = 0.5 * gw / torch.sqrt((gw ** 2).sum() + (gb ** 2).sum())
     assert not torch.allclose(want_w, sam_e_w)
     optimizer.second_step()
-    assert "old_p" not in optimizer.state[model.weight]
+    assert "climbed" not in optimizer.state[model.weight]  # a second second_step would not restore stale weights
 
 
 def bn_model():

@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from utils import augment, losses, models, sam
+from utils import augment, data, losses, models, sam
 from utils.config import RunPaths, TrainConfig, atomic_write_text
-from utils.data import SliceDataset
+from utils.metrics import score
 
 PREDICTION_COLUMNS = ["split", "name", "epoch", "prediction"]
 
@@ -181,7 +182,8 @@ class StepRunner:
                 parts.update(loss_parts)
             return loss
 
-        self.model.train()
+        if not self.model.training:  # predict() leaves it in eval mode; walking the modules every step is waste
+            self.model.train()
         if isinstance(self.optimizer, sam.SAM):
             sam.sam_train_step(self.model, self.optimizer, compute_loss, clip_grad_norm=self.cfg.clip_grad)
         else:
@@ -197,7 +199,7 @@ class StepRunner:
 def predict(model: nn.Module, images: np.ndarray, cfg: TrainConfig, device: torch.device) -> np.ndarray:
     """The regression output f2 (utils.models: out["reg"]) for each image, optionally averaged with its h-flip."""
     transform = augment.build_transform(train=False, channels=cfg.in_chans)
-    loader = make_loader(SliceDataset(images, None, transform), cfg, device, train=False)
+    loader = make_loader(data.SliceDataset(images, None, transform), cfg, device, train=False)
     autocast = autocast_context(cfg, device)
     model.eval()
     outputs = []
@@ -227,9 +229,9 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def _training_dataset(train: SplitImages, pseudo: SplitImages | None, transform: augment.SliceTransform) -> Dataset:
-    parts = [SliceDataset(train.images, train.frame["percentage"].to_numpy(np.float32), transform)]
+    parts = [data.SliceDataset(train.images, train.frame["percentage"].to_numpy(np.float32), transform)]
     if pseudo is not None and len(pseudo.frame):
-        parts.append(SliceDataset(pseudo.images, pseudo.frame["percentage"].to_numpy(np.float32), transform))
+        parts.append(data.SliceDataset(pseudo.images, pseudo.frame["percentage"].to_numpy(np.float32), transform))
     if len(parts) == 1:
         return parts[0]
     dataset = ConcatDataset(parts)
@@ -268,7 +270,6 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
         log(f"[{cfg.model_name} fold {fold}] already done: reusing {predictions_csv}")
         return pd.read_csv(predictions_csv)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    check_same_recipe(cfg, fold_dir / "config.yaml")
     cfg.save_yaml(fold_dir / "config.yaml")
 
     is_valid = train_split.frame["fold"].to_numpy() == fold
@@ -306,8 +307,6 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         log(f"[{cfg.model_name} fold {fold}] resuming after epoch {start_epoch} (from {state_path})")
 
-    from tqdm.auto import tqdm
-
     valid_true = valid.frame["percentage"].to_numpy(np.float64)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -330,8 +329,6 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
         bar.close()
         train_seconds = time.perf_counter() - started
         valid_pred = predict(model, valid.images, cfg, device)
-        from utils.metrics import score
-
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": seen / train_seconds,
                **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()},
                **{f"valid_{k}": v for k, v in score(valid_pred, valid_true).items()},
@@ -349,9 +346,9 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
     targets_by_split = {"oof": valid, **(predict_splits or {})}
     for epoch in range(cfg.epochs - cfg.save_last_k, cfg.epochs):
         model.load_state_dict(torch.load(_checkpoint_path(fold_dir, epoch), map_location=device, weights_only=True))
-        for split, data in targets_by_split.items():
-            frames.append(pd.DataFrame({"split": split, "name": data.frame["name"].to_numpy(), "epoch": epoch,
-                                        "prediction": predict(model, data.images, cfg, device)}))
+        for split, split_images in targets_by_split.items():
+            frames.append(pd.DataFrame({"split": split, "name": split_images.frame["name"].to_numpy(), "epoch": epoch,
+                                        "prediction": predict(model, split_images.images, cfg, device)}))
     predictions = pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
     atomic_write_text(predictions_csv, predictions.to_csv(index=False))
     state_path.unlink(missing_ok=True)  # the kept checkpoints + predictions are the fold's result
@@ -389,8 +386,6 @@ def load_training_data(cfg: TrainConfig, data_dir: str | Path, cache_dir: str | 
                        ) -> tuple[SplitImages, dict[str, SplitImages], SplitImages | None]:
     """Train rows with their folds, the unlabeled splits to predict (Val, Test when present), and the
     pseudo-labelled rows when cfg.use_pseudo_labels — all backed by the decoded-image cache."""
-    from utils import data
-
     def decoded(frame: pd.DataFrame, split: str) -> SplitImages:
         return SplitImages(frame, data.cached_images(frame, cache_dir, cfg.img_size, cfg.in_chans, split=split,
                                                      progress=progress))
