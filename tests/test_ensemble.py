@@ -60,7 +60,8 @@ def test_oof_table_matches_hand_computation():
     assert table.loc["a", "MAE"] == pytest.approx(1.0)
     assert table.loc["b", "MAE"] == pytest.approx(9.0)
     assert table.loc["a", "RMSE"] == pytest.approx(np.sqrt(2.0))
-    assert table.loc["a", "fold_MAE_std"] == pytest.approx(1.0)
+    assert table.loc["a", "fold_MAE_std"] == pytest.approx(1.0)  # fold MAEs 2 and 0
+    assert table.loc["b", "fold_RMSE_mean"] == pytest.approx(9.0)  # fold RMSEs 8 and 10
     assert table.index[0] == "a"  # sorted by MAE
 
 

@@ -77,9 +77,12 @@ def oof_table(per_model: pd.DataFrame, truth: pd.DataFrame, ensemble_oof: pd.Dat
                **score(merged["prediction"].to_numpy(), merged["percentage"].to_numpy())}
         if folds is not None:
             merged = merged.merge(folds[["name", "fold"]], on="name")
-            per_fold = merged.groupby("fold").apply(
-                lambda g: np.mean(np.abs(g["prediction"] - g["percentage"])), include_groups=False)
-            row.update(fold_MAE_mean=per_fold.mean(), fold_MAE_std=per_fold.std(ddof=0), n_folds=len(per_fold))
+            per_fold = pd.DataFrame([score(g["prediction"].to_numpy(), g["percentage"].to_numpy())
+                                     for _, g in merged.groupby("fold")])
+            for metric in ("MAE", "PC", "RMSE"):
+                row[f"fold_{metric}_mean"] = per_fold[metric].mean()
+                row[f"fold_{metric}_std"] = per_fold[metric].std(ddof=0)
+            row["n_folds"] = len(per_fold)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("MAE", kind="stable").reset_index(drop=True)
 
