@@ -117,3 +117,12 @@ def test_a_fold_trained_with_another_recipe_is_not_reused(tmp_path):
     changed = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1, lr=0.5, num_workers=1)
     with pytest.raises(ValueError, match=r"another recipe \(lr: 0.01 -> 0.5\)"):
         train.train_fold(changed, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+
+
+def test_a_fold_with_other_held_out_slices_is_not_reused(tmp_path):
+    split = tiny_split()
+    cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    split.frame["fold"] = 1 - split.frame["fold"]  # folds remade: fold 0 now holds other subjects
+    with pytest.raises(ValueError, match="other held-out slices"):
+        train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)

@@ -33,7 +33,8 @@ class PipelineError(RuntimeError):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="run_all.sh", description="Run the numbered notebooks in order with papermill.",
+                                     epilog="./run_all.sh --test [PYTEST ARGS] runs the test suite instead.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo", help="profile name in notebooks/profiles/ or a YAML path (default: demo)")
     parser.add_argument("--data", default=None, help=f"data folder in the official layout (default: the phantom set, made in {PHANTOM_SUBDIR} on first use)")

@@ -256,6 +256,14 @@ def check_same_recipe(cfg: TrainConfig, saved_config: Path) -> None:
                          "or run name, or rerun with --force to discard the run")
 
 
+def check_same_held_out(names: Iterable[str], saved_list: Path) -> None:
+    """Refuse to reuse or resume a fold whose held-out slices changed (folds remade with another seed or K)."""
+    if saved_list.is_file() and saved_list.read_text().split() != sorted(names):
+        raise ValueError(f"{saved_list.parent} was trained with other held-out slices than fold {saved_list.parent.name} "
+                         "of the current folds.csv (01_folds rerun with another n_folds/fold_seed or data?); "
+                         "use another run name, or --force to discard the run")
+
+
 def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: Path,
                predict_splits: dict[str, SplitImages] | None = None, pseudo: SplitImages | None = None,
                progress: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -265,16 +273,17 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
     """
     fold_dir = Path(fold_dir)
     predictions_csv = fold_dir / "predictions.csv"
+    is_valid = train_split.frame["fold"].to_numpy() == fold
+    if not is_valid.any():
+        raise ValueError(f"fold {fold} has no slices: the folds file has folds {sorted(train_split.frame['fold'].unique())}")
     check_same_recipe(cfg, fold_dir / "config.yaml")
+    check_same_held_out(train_split.frame["name"][is_valid], fold_dir / "held_out.txt")
     if predictions_csv.is_file():
         log(f"[{cfg.model_name} fold {fold}] already done: reusing {predictions_csv}")
         return pd.read_csv(predictions_csv)
     fold_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(fold_dir / "config.yaml")
-
-    is_valid = train_split.frame["fold"].to_numpy() == fold
-    if not is_valid.any():
-        raise ValueError(f"fold {fold} has no slices: the folds file has folds {sorted(train_split.frame['fold'].unique())}")
+    atomic_write_text(fold_dir / "held_out.txt", "\n".join(sorted(train_split.frame["name"][is_valid])) + "\n")
     fit, valid = train_split.subset(~is_valid), train_split.subset(is_valid)
 
     torch.manual_seed(cfg.seed + fold)
