@@ -88,3 +88,24 @@ def test_run_all_sh_rejects_bad_arguments():
     result = subprocess.run([str(REPO_ROOT / "run_all.sh"), "--stages", "nope"], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 2 and "unknown stages" in result.stderr
+
+
+def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
+    """The `cpu` profile end to end on ~40 real crops of 8 subjects, 1 epoch at 32 px (Train only: OOF submission)."""
+    import pandas as pd
+
+    labels = pd.read_csv(shared_dir / "crops" / "Train" / "Train.csv", header=None, names=["name", "pct", "subject"])
+    chosen = labels[labels["subject"].isin(sorted(labels["subject"].unique())[:8])].groupby("subject").head(5)
+    images = tmp_path / "crops" / "Train" / "Images"
+    images.mkdir(parents=True)
+    for name in chosen["name"]:
+        (images / name).symlink_to(shared_dir / "crops" / "Train" / "Images" / name)
+    chosen.to_csv(tmp_path / "crops" / "Train" / "Train.csv", header=False, index=False, lineterminator="\r\n")
+    argv = ["--workdir", str(tmp_path), "--data", str(tmp_path / "crops"), "--profile", "cpu", "--name", "cpu_tiny",
+            "--kernel", "python3", "-p", "epochs", "1", "-p", "warmup_epochs", "0", "-p", "save_last_k", "1",
+            "-p", "img_size", "32"]
+    assert pipeline.main(argv) == 0
+    rows = (tmp_path / "submissions" / "cpu_tiny.csv").read_text().splitlines()
+    held_out = pd.read_csv(tmp_path / "runs" / "cpu_tiny" / "folds.csv").query("fold in [0, 1]")["name"]
+    assert sorted(r.split(",")[0] for r in rows) == sorted(held_out)  # out-of-fold rows of the two trained folds
+    assert "OUT-OF-FOLD predictions on Train" in executed_text(tmp_path / "runs" / "cpu_tiny" / "notebooks" / "05_submit.ipynb")
