@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from utils.metrics import is_number
+
 SPLITS = ("Train", "Val", "Test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -50,14 +52,6 @@ class DataNotFoundError(DataError, FileNotFoundError):
 # --------------------------------------------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------------------------------------------
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
     """Read a Per-COVID-19 label CSV into columns `name` (str), `percentage` (float), `subject` (Int64).
 
@@ -75,7 +69,7 @@ def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
     if not rows:
         raise DataError(f"label file {path} is empty: expected rows like 'Image_0000.png,0.0,0'")
     first_line, first_row = rows[0]
-    if len(first_row) >= 2 and not _is_number(first_row[1]):
+    if len(first_row) >= 2 and not is_number(first_row[1]):
         rows = rows[1:]  # a header such as "name,percentage,subject"
         if not rows:
             raise DataError(f"label file {path} has a header but no data rows")

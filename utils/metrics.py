@@ -76,7 +76,8 @@ def subject_scores(pred, true, subjects) -> dict[str, float]:
     return score(means["pred"].to_numpy(), means["true"].to_numpy())
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether a CSV field parses as a float (header detection of the challenge's CSVs)."""
     try:
         float(text)
     except ValueError:
@@ -96,7 +97,7 @@ def read_prediction_csv(path: str | Path) -> pd.DataFrame:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = [(line_number, row) for line_number, row in enumerate(csv.reader(handle), start=1)
                 if any(field.strip() for field in row)]
-    if rows and (len(rows[0][1]) < 2 or not _is_number(rows[0][1][1])):
+    if rows and (len(rows[0][1]) < 2 or not is_number(rows[0][1][1])):
         rows = rows[1:]  # header
     if not rows:
         raise PredictionFileError(f"{path}: no data rows")
@@ -123,7 +124,7 @@ def read_prediction_csv(path: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame({"name": names, "value": values})
     if num_fields == 3:
         frame["subject"] = pd.Series(subjects)
-        if all(_is_number(s) and float(s).is_integer() for s in subjects):
+        if all(is_number(s) and float(s).is_integer() for s in subjects):
             frame["subject"] = [int(float(s)) for s in subjects]
     duplicated = frame["name"][frame["name"].duplicated()].unique()
     if len(duplicated):

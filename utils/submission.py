@@ -6,8 +6,8 @@ scored split, sorted by name; the upload is a zip holding `predictions.csv`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
