@@ -251,7 +251,7 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
         transform = augment.build_transform(train=True, channels=cfg.in_chans, n_ops=cfg.randaug_n,
                                             magnitude=cfg.randaug_m, seed=cfg.seed)
         rows = max(4 * batch, 32)
-        dataset = train.SliceDataset(_TiledRows(cache, rows), np.linspace(0, 100, rows, dtype=np.float32), transform)
+        dataset = data.SliceDataset(_TiledRows(cache, rows), np.linspace(0, 100, rows, dtype=np.float32), transform)
         order = itertools.count()
         augment_img_s = _images_per_s(lambda: dataset[next(order) % rows], rows, 4, 1, torch.device("cpu"))
 
@@ -269,7 +269,7 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
         # (b) the loader of train_fold over N cached rows, then to_device + step
         pipe_warmup, pipe_steps = warmup_steps + PREFETCH * workers, max(steps, 4 * PREFETCH * workers)
         n_rows = (pipe_warmup + pipe_steps + 1) * batch
-        train_set = train.SliceDataset(_TiledRows(cache, n_rows), np.linspace(0, 100, n_rows, dtype=np.float32),
+        train_set = data.SliceDataset(_TiledRows(cache, n_rows), np.linspace(0, 100, n_rows, dtype=np.float32),
                                        transform)
         loader = train.make_loader(train_set, cfg, device, train=True, seed=cfg.seed)
         batches = iter(loader)
