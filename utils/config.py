@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -184,6 +184,11 @@ class RunPaths:
 
     def fold(self, model_name: str, fold: int) -> Path:
         return self.model(model_name) / f"fold{fold}"
+
+    def fold_files(self, filename: str) -> Iterator[tuple[str, int, Path]]:
+        """(model name, fold, path) of every models/<model>/fold<k>/<filename> of the run, sorted."""
+        for path in sorted(self.models.glob(f"*/fold*/{filename}")):
+            yield path.parent.parent.name, int(path.parent.name.removeprefix("fold")), path
 
     @property
     def ensemble(self) -> Path:

@@ -28,8 +28,7 @@ def round_half_up(values: np.ndarray | pd.Series) -> np.ndarray:
 def load_predictions(run_dir: str | Path, model_names: Iterable[str] | None = None) -> pd.DataFrame:
     """Every kept checkpoint's predictions of a run: columns model, fold, split, name, epoch, prediction."""
     frames = []
-    for path in sorted(RunPaths(run_dir).models.glob("*/fold*/predictions.csv")):
-        model_name, fold = path.parent.parent.name, int(path.parent.name.removeprefix("fold"))
+    for model_name, fold, path in RunPaths(run_dir).fold_files("predictions.csv"):
         if model_names is None or model_name in set(model_names):
             frames.append(pd.read_csv(path).assign(model=model_name, fold=fold))
     if not frames:

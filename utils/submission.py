@@ -56,8 +56,8 @@ def format_submission(rows: pd.DataFrame) -> str:
 
 
 def write_submission(predictions: pd.DataFrame, expected_names: Iterable[str], csv_path: str | Path,
-                     zip_path: str | Path | None = None) -> Path:
-    """Validate, then write the CSV (and the zip holding it as predictions.csv) atomically."""
+                     zip_path: str | Path | None = None) -> pd.DataFrame:
+    """Validate, then write the CSV (and the zip holding it as predictions.csv) atomically; returns the rows written."""
     rows = validate_submission(predictions, expected_names)
     text = format_submission(rows)
     atomic_write_text(csv_path, text)
@@ -67,7 +67,7 @@ def write_submission(predictions: pd.DataFrame, expected_names: Iterable[str], c
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(ZIP_MEMBER, text)
         os.replace(tmp, zip_path)
-    return Path(csv_path)
+    return rows
 
 
 def read_submission(path: str | Path) -> pd.DataFrame:
@@ -91,7 +91,7 @@ def reference_labels(data_dir: str | Path, split: str) -> pd.DataFrame | None:
     """Labels to score a split locally: the split's own CSV, or labels/<split>.csv (the phantom set's answer key)."""
     from utils import data
 
-    frame = data.load_split(data_dir, split) if split != "Train" else data.load_split(data_dir, "Train", require_labels=True)
+    frame = data.load_split(data_dir, split)  # labels are required for Train, optional elsewhere
     if frame is not None and frame["percentage"].notna().all():
         return frame[["name", "percentage"]]
     answer_key = Path(data_dir) / "labels" / f"{split}.csv"
@@ -126,7 +126,7 @@ def make_submission(run_dir: str | Path, data_dir: str | Path, split: str, csv_p
     rows = predictions[predictions["split"] == scored_split]
     csv_path = Path(csv_path)
     zip_path = csv_path.with_suffix(".zip")
-    write_submission(rows, expected, csv_path, zip_path)
+    written = write_submission(rows, expected, csv_path, zip_path)
     truth = reference_labels(data_dir, split if scored_split != "oof" else "Train")
     scores = None
     if truth is not None:
@@ -135,4 +135,4 @@ def make_submission(run_dir: str | Path, data_dir: str | Path, split: str, csv_p
             scores = score(merged["prediction"].to_numpy(), merged["percentage"].to_numpy())
             message += "; scored against " + ("Train labels" if scored_split == "oof" else f"{split} labels") + ": " + \
                 " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-    return SubmissionResult(csv_path, zip_path, validate_submission(rows, expected), split, message, scores)
+    return SubmissionResult(csv_path, zip_path, written, split, message, scores)

@@ -381,10 +381,8 @@ def train_model(cfg: TrainConfig, run_dir: str | Path, train_split: SplitImages,
 
 def load_history(run_dir: str | Path, model_names: Iterable[str] | None = None) -> pd.DataFrame:
     """All folds' training curves of a run (or of some models), for plotting."""
-    paths = RunPaths(run_dir)
     frames = []
-    for path in sorted(paths.models.glob("*/fold*/history.csv")):
-        model_name, fold = path.parent.parent.name, int(path.parent.name.removeprefix("fold"))
+    for model_name, fold, path in RunPaths(run_dir).fold_files("history.csv"):
         if model_names is None or model_name in model_names:
             frames.append(pd.read_csv(path).assign(model=model_name, fold=fold))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
