@@ -133,3 +133,19 @@ def model_comparison(table: pd.DataFrame, metric: str = "MAE") -> plt.Figure:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
+
+
+def cross_validation(table: pd.DataFrame, per_fold: pd.DataFrame, title: str = "5-fold cross-validation") -> plt.Figure:
+    """Pooled out-of-fold MAE per model (bars, from utils.sweep.cv_table) with each fold's MAE as a dot
+    (per_fold: utils.sweep's cv_summary.csv), so the fold spread is visible next to the model differences."""
+    order = table.sort_values("MAE")["model"].tolist()
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(order) + 1.2))
+    sns.barplot(data=table, y="model", x="MAE", order=order, ax=ax, color="lightsteelblue")
+    for y, mae in enumerate(table.set_index("model").loc[order, "MAE"]):
+        ax.text(0.1, y, f"{mae:.2f}", va="center", ha="left", fontsize=9)  # inside the bar: the dots sit further right
+    sns.stripplot(data=per_fold[per_fold["model"].isin(order)], y="model", x="MAE", order=order, hue="fold",
+                  palette="deep", size=5, jitter=0.15, ax=ax)
+    ax.legend(title="fold", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title_fontsize=8)
+    ax.set(title=f"{title}: pooled OOF MAE (bars), each fold's MAE (dots)", xlabel="MAE (lower is better)", ylabel="")
+    fig.tight_layout()
+    return fig

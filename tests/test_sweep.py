@@ -1,0 +1,129 @@
+"""utils.sweep: job planning, the pooled cross-validation table, packing, and a tiny end-to-end sweep with resume."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from utils import data, phantoms, sweep
+from utils.config import RunPaths
+from utils.folds import make_folds, write_folds
+
+TINY = {"arch": "resnet10t", "img_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, "optimizer": "adamw",
+        "lr": 1e-3, "sam": "none", "save_last_k": 1, "max_steps_per_epoch": 1, "device": "cpu"}
+
+
+def write_profile(path, params, models):
+    path.write_text(yaml.safe_dump({"params": params, "models": models}))
+    return str(path)
+
+
+def test_plan_jobs_is_model_major_and_layers_params(tmp_path):
+    first = write_profile(tmp_path / "a.yaml", {"epochs": 8, "img_size": 96},
+                          [{"model_name": "m1"}, {"model_name": "m2", "img_size": 128, "epochs": 12}])
+    second = write_profile(tmp_path / "b.yaml", {"epochs": 5}, [{"model_name": "m3"}])
+    jobs = sweep.plan_jobs([first, second], {"epochs": 2, "save_last_k": 1, "warmup_epochs": 0}, folds=[0, 3])
+    assert [(j["params"]["model_name"], j["fold"]) for j in jobs] == [
+        ("m1", 0), ("m1", 3), ("m2", 0), ("m2", 3), ("m3", 0), ("m3", 3)]
+    # profile params < model entry < command-line overrides; each job trains its one fold
+    assert [j["params"]["img_size"] for j in jobs[:4]] == [96, 96, 128, 128]
+    assert {j["params"]["epochs"] for j in jobs} == {2}
+    assert all(j["params"]["folds"] == [j["fold"]] for j in jobs)
+
+
+def test_plan_jobs_refuses_a_model_name_in_two_profiles(tmp_path):
+    first = write_profile(tmp_path / "a.yaml", {}, [{"model_name": "same"}])
+    second = write_profile(tmp_path / "b.yaml", {}, [{"model_name": "same"}])
+    with pytest.raises(ValueError, match="'same' appears in two profiles"):
+        sweep.plan_jobs([first, second], {}, folds=[0])
+
+
+def test_cv_table_pools_out_of_fold_predictions(tmp_path):
+    paths = RunPaths(tmp_path)
+    truth = pd.DataFrame({"name": [f"s{i}" for i in range(6)], "subject": pd.array([0, 0, 1, 1, 2, 2], "Int64"),
+                          "percentage": [0.0, 10.0, 20.0, 30.0, 40.0, 50.0], "fold": [0, 0, 1, 1, 2, 2]})
+    truth["severity"] = pd.Categorical(["Normal"] * 6)
+    write_folds(truth, paths.folds_csv)
+    errors = {0: [1.0, -3.0], 1: [2.0, 2.0], 2: [0.0, 4.0]}
+    for fold, errs in errors.items():
+        rows = truth[truth["fold"] == fold]
+        fold_dir = paths.fold("good", fold)
+        fold_dir.mkdir(parents=True)
+        # two checkpoints whose mean is truth + err: the table must score the checkpoint average
+        pd.concat([pd.DataFrame({"split": "oof", "name": rows["name"], "epoch": epoch,
+                                 "prediction": rows["percentage"].to_numpy() + np.array(errs) + shift})
+                   for epoch, shift in ((3, -1.0), (4, 1.0))]).to_csv(fold_dir / "predictions.csv", index=False)
+    partial = paths.fold("partial", 0)
+    partial.mkdir(parents=True)
+    partial.joinpath("predictions.csv").write_bytes((paths.fold("good", 0) / "predictions.csv").read_bytes())
+
+    table = sweep.cv_table(tmp_path)
+    assert table["model"].tolist() == ["good"]  # "partial" lacks folds 1 and 2
+    row = table.iloc[0]
+    all_errors = np.array([1.0, -3.0, 2.0, 2.0, 0.0, 4.0])
+    assert row["MAE"] == pytest.approx(np.abs(all_errors).mean())
+    assert row["RMSE"] == pytest.approx(np.sqrt((all_errors ** 2).mean()))
+    fold_maes = [2.0, 2.0, 2.0]
+    assert row["fold_MAE_mean"] == pytest.approx(np.mean(fold_maes))
+    assert row["fold_MAE_std"] == pytest.approx(0.0)
+    assert row["folds"] == 3
+    assert sweep.cv_table(tmp_path, complete_only=False)["model"].tolist() == ["good", "partial"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep_data")
+    phantoms.generate_phantoms(folder / "phantoms", subjects=8, size=48, seed=5)
+    return folder / "phantoms"
+
+
+def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
+    packed_path = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    frame = data.load_split(tiny_data, "Train", require_labels=True)
+    with np.load(packed_path) as packed:  # no pickle needed: names are a unicode array
+        assert packed["name"].tolist() == frame["name"].tolist()
+        np.testing.assert_array_equal(packed["percentage"], frame["percentage"].to_numpy())
+        np.testing.assert_array_equal(packed["images_32"][3], data.load_image(frame["path"].iloc[3], 32, 1)[:, :, 0])
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path):
+    profile = write_profile(tmp_path / "tiny.yaml", TINY, [{"model_name": "reg", "head": "reg"},
+                                                          {"model_name": "ldl", "head": "ldl", "pooling": "hybrid"}])
+    packed = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    run_dir = tmp_path / "run"
+    summary = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3, jobs=2, threads=1)
+    assert sorted(zip(summary["model"], summary["fold"])) == [("ldl", 0), ("ldl", 1), ("reg", 0), ("reg", 1)]
+    written = pd.read_csv(run_dir / "cv_summary.csv")
+    assert len(written) == 4 and written["n"].gt(0).all()
+    # the folds are utils.folds' for that seed, so sweeps and the pipeline's 01_folds agree
+    labels = data.load_split(tiny_data, "Train", require_labels=True)
+    expected = make_folds(labels, n_folds=3, seed=0)
+    assert pd.read_csv(run_dir / "folds.csv")["fold"].tolist() == expected["fold"].tolist()
+    # each summary row is the checkpoint-averaged OOF score of its fold, held-out slices only
+    for row in written.itertuples():
+        predictions = pd.read_csv(RunPaths(run_dir).fold(row.model, row.fold) / "predictions.csv")
+        held_out = set(expected.loc[expected["fold"] == row.fold, "name"])
+        assert set(predictions["name"]) == held_out and row.n == len(held_out)
+
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("models/*/fold*/predictions.csv")}
+    again = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3, jobs=1, threads=1)
+    assert len(again) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # the same run name with another recipe or other folds is refused, not silently mixed
+    with pytest.raises(RuntimeError, match="another recipe .*lr"):
+        sweep.run_sweep([profile], run_dir, folds=[0], images=str(packed), overrides={"lr": 0.002}, n_folds=3)
+    with pytest.raises(ValueError, match="holds other folds"):
+        sweep.run_sweep([profile], run_dir, folds=[0], images=str(packed), n_folds=2)
+
+
+def test_sweep_needs_exactly_one_source(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of data_dir"):
+        sweep.run_sweep(["demo"], tmp_path, folds=[0])
+
+
+def test_a_packed_file_without_the_size_says_how_to_fix_it(tiny_data, tmp_path):
+    profile = write_profile(tmp_path / "tiny.yaml", {**TINY, "img_size": 40}, [{"model_name": "reg", "head": "reg"}])
+    packed = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    with pytest.raises(RuntimeError, match="no 40 px images .* --sizes 40"):
+        sweep.run_sweep([profile], tmp_path / "run", folds=[0], images=str(packed), n_folds=3)
