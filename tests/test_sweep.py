@@ -86,7 +86,7 @@ def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path):
+def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path, capsys):
     profile = write_profile(tmp_path / "tiny.yaml", TINY, [{"model_name": "reg", "head": "reg"},
                                                           {"model_name": "ldl", "head": "ldl", "pooling": "hybrid"}])
     packed = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
@@ -109,6 +109,12 @@ def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path):
     again = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3, jobs=1, threads=1)
     assert len(again) == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # the CLI report: one line per model, the figure saved
+    assert sweep.main(["report", str(run_dir)]) == 1  # folds 0 and 1 of 3: no model is complete
+    assert sweep.main(["report", str(run_dir), "--all", "--plot", str(tmp_path / "cv.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "reg " in printed and "ldl " in printed and (tmp_path / "cv.png").stat().st_size > 0
 
     # the same run name with another recipe or other folds is refused, not silently mixed
     with pytest.raises(RuntimeError, match="another recipe .*lr"):

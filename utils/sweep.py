@@ -17,7 +17,8 @@ same folds as notebook 01 for the same n_folds/fold_seed), models/<model>/fold<k
 checkpoints, predictions.csv) and cv_summary.csv: one row per (model, fold) with the OOF MAE/PC/RMSE of the
 checkpoint-averaged prediction, the training speed and seconds. A rerun reuses the finished (model, fold) pairs
 (after checking that their recipe is unchanged) and resumes a killed one after its last finished epoch.
-`report` prints the per-model table: OOF scores pooled over folds and the mean +- std over folds.
+`report` prints the per-model table: OOF scores pooled over folds and the mean +- sd over folds (`--plot` saves
+the README's figure).
 """
 from __future__ import annotations
 
@@ -62,11 +63,14 @@ def pack_images(data_dir: str | Path, sizes: Sequence[int], out: str | Path) -> 
     return target
 
 
+def _packed_labels(packed: Any) -> pd.DataFrame:
+    return pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"], "subject": packed["subject"]})
+
+
 def _labels(images: str | None, data_dir: str | None) -> pd.DataFrame:
     if images:
         with np.load(images) as packed:
-            return pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"],
-                                 "subject": packed["subject"]})
+            return _packed_labels(packed)
     from utils import data
 
     return data.load_split(data_dir, "Train", require_labels=True)
@@ -90,8 +94,7 @@ def _train_split(cfg: TrainConfig, folds_csv: Path, images: str | None, data_dir
                     sizes = sorted(int(k.split("_")[1]) for k in packed.files if k.startswith("images_"))
                     raise ValueError(f"{images} has no {cfg.img_size} px images (it holds {sizes}): "
                                      f"pack it again with --sizes {cfg.img_size}")
-                frame = pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"],
-                                      "subject": packed["subject"]})
+                frame = _packed_labels(packed)
                 pixels = np.repeat(packed[stored][:, :, :, None], cfg.in_chans, axis=3)
             frame = frame.merge(folds, on="name", how="left", validate="one_to_one")
             _SPLIT_CACHE[key] = train.SplitImages(frame, pixels)
@@ -110,10 +113,11 @@ def _train_split(cfg: TrainConfig, folds_csv: Path, images: str | None, data_dir
 
 def _oof_row(model_name: str, fold: int, predictions: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
     """Score the checkpoint-averaged OOF prediction of one (model, fold)."""
+    from utils.ensemble import OOF, average_checkpoints_and_folds
     from utils.metrics import score
 
-    oof = predictions[predictions["split"] == "oof"].groupby("name", as_index=False)["prediction"].mean()
-    merged = oof.merge(truth[["name", "percentage"]], on="name", validate="one_to_one")
+    per_name = average_checkpoints_and_folds(predictions.assign(model=model_name, fold=fold))
+    merged = per_name[per_name["split"] == OOF].merge(truth[["name", "percentage"]], on="name", validate="one_to_one")
     return {"model": model_name, "fold": fold, **score(merged["prediction"], merged["percentage"]), "n": len(merged)}
 
 
@@ -237,21 +241,16 @@ def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int]
 
 def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
     """Per model: OOF MAE/PC/RMSE pooled over its folds (checkpoint-averaged predictions), and the fold MAE's mean,
-    std and range. `complete_only` keeps models with every fold of the run's folds.csv."""
+    sample sd (ddof=1: over 5 folds; utils.ensemble.oof_table gives the population sd of its 2-fold runs) and range.
+    `complete_only` keeps models with every fold of the run's folds.csv."""
+    from utils.ensemble import OOF, average_checkpoints_and_folds, load_predictions
     from utils.folds import read_folds
     from utils.metrics import score
 
-    paths = RunPaths(run_dir)
-    truth = read_folds(paths.folds_csv)
+    truth = read_folds(RunPaths(run_dir).folds_csv)
     n_folds = truth["fold"].nunique()
-    frames = []
-    for model_name, fold, path in paths.fold_files("predictions.csv"):
-        predictions = pd.read_csv(path, dtype={"name": str})
-        oof = predictions[predictions["split"] == "oof"].groupby("name", as_index=False)["prediction"].mean()
-        frames.append(oof.assign(model=model_name, fold=fold))
-    if not frames:
-        raise FileNotFoundError(f"no finished folds under {paths.models}: run `python -m utils.sweep run` first")
-    oof = pd.concat(frames).merge(truth[["name", "percentage"]], on="name")
+    per_model = average_checkpoints_and_folds(load_predictions(run_dir))  # OOF: each slice has its one fold
+    oof = per_model[per_model["split"] == OOF].merge(truth[["name", "percentage", "fold"]], on="name")
     rows = []
     for model_name, group in oof.groupby("model", sort=False):
         per_fold = [score(g["prediction"], g["percentage"])["MAE"] for _, g in group.groupby("fold")]
@@ -260,7 +259,8 @@ def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
         rows.append({"model": model_name, "folds": len(per_fold), **score(group["prediction"], group["percentage"]),
                      "fold_MAE_mean": np.mean(per_fold), "fold_MAE_std": np.std(per_fold, ddof=1) if len(per_fold) > 1
                      else float("nan"), "fold_MAE_min": np.min(per_fold), "fold_MAE_max": np.max(per_fold)})
-    return pd.DataFrame(rows).sort_values("MAE").reset_index(drop=True)
+    columns = ["model", "folds", "MAE", "PC", "RMSE", "fold_MAE_mean", "fold_MAE_std", "fold_MAE_min", "fold_MAE_max"]
+    return pd.DataFrame(rows, columns=columns).sort_values("MAE").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -292,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = commands.add_parser("report", help="print the per-model cross-validation table of a run")
     report.add_argument("run_dir")
     report.add_argument("--all", action="store_true", help="also models with missing folds")
+    report.add_argument("--plot", help="also save the figure (pooled MAE bars, per-fold dots) to this PNG")
     args = parser.parse_args(argv)
 
     if args.command == "pack":
@@ -304,7 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   jobs=args.jobs, threads=args.threads, time_limit=args.time_limit)
         print(cv_table(run_dir, complete_only=False).to_string(index=False, float_format="%.3f"))
     else:
-        print(cv_table(args.run_dir, complete_only=not args.all).to_string(index=False, float_format="%.3f"))
+        table = cv_table(args.run_dir, complete_only=not args.all)
+        if table.empty:
+            print(f"no model of {args.run_dir} has finished every fold of its folds.csv yet; --all lists partial ones")
+            return 1
+        print(table.to_string(index=False, float_format="%.3f"))
+        if args.plot:
+            from utils import report as figures
+
+            per_fold = pd.read_csv(Path(args.run_dir) / "cv_summary.csv")
+            figures.cross_validation(table, per_fold).savefig(args.plot, dpi=100, bbox_inches="tight")
+            print(f"wrote {args.plot}")
     return 0
 
 
