@@ -43,18 +43,26 @@ def test_building_and_running_raises_no_warning():
                     op(image=image[:, :, :channels])
 
 
-def test_eval_transform_is_plain_normalisation():
+def test_eval_transform_then_normalizer_is_plain_normalisation():
     image = ct_like(32)
     transform = build_transform(False, 3)
     out = transform(image)
-    assert out.dtype == torch.float32 and out.shape == (3, 32, 32) and out.is_contiguous()
-    np.testing.assert_allclose(out.numpy(), hand_normalised(image, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6)
+    assert out.dtype == torch.uint8 and out.shape == (1, 32, 32)  # gray travels as one uint8 channel
     assert torch.equal(transform(image), out)  # deterministic
-    gray = build_transform(False, 1)(image[:, :, :1])
+    normalised = augment.Normalizer(3)(out[None])[0]
+    assert normalised.dtype == torch.float32 and normalised.shape == (3, 32, 32)
+    np.testing.assert_allclose(normalised.numpy(), hand_normalised(image, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6)
+    colour = build_transform(False, 3, grayscale=False)(image)  # colour input keeps its channels
+    assert colour.shape == (3, 32, 32)
+    torch.testing.assert_close(augment.Normalizer(3)(colour[None])[0], normalised, atol=0, rtol=0)
+    gray = augment.Normalizer(1)(build_transform(False, 1)(image[:, :, :1])[None])[0]
     mean1, std1 = np.mean(IMAGENET_MEAN), np.mean(IMAGENET_STD)
     np.testing.assert_allclose(gray.numpy(), hand_normalised(image[:, :, :1], [mean1], [std1]), atol=1e-6)
-    custom = build_transform(False, 3, mean=0.5, std=(0.25, 0.5, 1.0))(image)
+    custom = augment.Normalizer(3, mean=0.5, std=(0.25, 0.5, 1.0))(out[None])[0]
     np.testing.assert_allclose(custom.numpy(), hand_normalised(image, [0.5] * 3, [0.25, 0.5, 1.0]), atol=1e-6)
+    channels_last = augment.Normalizer(3)(out[None].expand(2, 1, 32, 32), channels_last=True)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)  # the model's layout, gray expanded
+    torch.testing.assert_close(channels_last[1], normalised, atol=0, rtol=0)
 
 
 def test_train_transform_keeps_shape_and_changes_pixels():
@@ -62,8 +70,8 @@ def test_train_transform_keeps_shape_and_changes_pixels():
     plain = build_transform(False, 3)(image)
     transform = build_transform(True, 3, n_ops=2, magnitude=9, seed=0)
     outputs = [transform(image) for _ in range(12)]
-    assert all(o.shape == (3, 64, 64) and o.dtype == torch.float32 for o in outputs)
-    changed = [not torch.allclose(o, plain) for o in outputs]
+    assert all(o.shape == (1, 64, 64) and o.dtype == torch.uint8 for o in outputs)
+    changed = [not torch.equal(o, plain) for o in outputs]
     assert all(changed)  # every draw applies two real ops
     assert len({o.sum().item() for o in outputs}) > 8  # and they differ from draw to draw
     assert np.asarray(image).flags.writeable and (image == ct_like(64)).all()  # input untouched
@@ -76,7 +84,7 @@ def test_gray_fast_path_equals_augmenting_all_channels():
     full = build_transform(True, 3, seed=4)
     full.gray_input = False  # augment the three (equal) channels one by one
     for _ in range(12):
-        torch.testing.assert_close(fast(image), full(image), atol=0, rtol=0)
+        torch.testing.assert_close(fast(image).expand(3, 64, 64), full(image), atol=0, rtol=0)
 
 
 def test_magnitude_zero_is_the_identity():

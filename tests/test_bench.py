@@ -1,4 +1,5 @@
-"""utils.bench: one tiny real run (figures and the formulas that link them) and the paper estimate by hand."""
+"""utils.bench: one tiny real run (figures and the formulas that link them, with --concurrent 1 2), the paper estimate
+and the wall-time schedule by hand."""
 import copy
 import json
 import math
@@ -26,9 +27,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The CLI's in-process entry on the tiny setting; returns (result, what --json wrote)."""
+    """The CLI's in-process entry on the tiny setting, with 1 and 2 concurrent processes (the one spawning run of
+    this file: each process imports torch and timm, ~5 s); returns (result, what --json wrote)."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = bench.main(TINY + ["--json", str(path)])
+    result = bench.main(TINY + ["--concurrent", "1", "2", "--json", str(path)])
     return result, json.loads(path.read_text())
 
 
@@ -40,7 +42,7 @@ def test_tiny_run_measures_every_figure(tiny_run):
     for key in ("model_img_s", "pipeline_img_s", "bare_img_s", "decode_img_s", "augment_img_s",
                 "hours_as_measured", "hours_flop_scaled"):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert not result["amp"] and not result["channels_last"]  # bf16/channels_last are CUDA-only
+    assert not result["amp"] and result["channels_last"]  # bf16 autocast is CUDA-only; channels_last applies on CPU
 
 
 def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):
@@ -57,6 +59,60 @@ def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):
     assert r["hours_flop_scaled"] == pytest.approx(scaled / a / 3600)
     # ResNeSt50 at 512 px against the measured ResNet18 at 32 px: ~5.4 / 1.82 GMACs at 224 px x (512/32)^2 pixels
     assert r["cost_ratio"]["resnest50_exp_hybrid"] == pytest.approx(5.37 / 1.82 * 256, rel=0.02)
+    # the wall time: 8 (model, fold) jobs then the retrain's 2, the FLOP-scaled work split evenly over a run's folds
+    assert [len(stage) for stage in r["stages"]] == [8, 2]
+    assert sum(sum(stage.values()) for stage in r["stages"]) == pytest.approx(scaled)
+    assert r["stages"][1]["resnest101_exp_hybrid_pl fold 0"] == pytest.approx(
+        steps["resnest101_exp_hybrid_pl"] / 2 * r["cost_ratio"]["resnest101_exp_hybrid_pl"])
+    speeds = {int(k): c["aggregate_img_s"] for k, c in r["concurrent"].items()}
+    assert r["wall_aggregate_img_s"] == speeds and r["jobs_per_gpu"] == max(speeds, key=speeds.get)
+    jobs = [list(stage.values()) for stage in r["stages"]]
+    for gpus, key in ((1, "wall_hours_1gpu"), (2, "wall_hours_2gpu")):
+        assert r[key] == pytest.approx(bench.estimate_wall_hours(jobs, gpus, r["jobs_per_gpu"], speeds))
+    assert r["wall_ratio_2gpu"] == pytest.approx(r["wall_hours_2gpu"] / r["wall_hours_1gpu"])
+    assert 0.5 <= r["wall_ratio_2gpu"] < 1
+
+
+def test_tiny_run_concurrent_processes(tiny_run):
+    result, written = tiny_run
+    assert set(written["concurrent"]) == {"1", "2"}  # JSON keys are strings
+    for k in (1, 2):
+        c = result["concurrent"][k]
+        assert set(c) == {"processes", "threads", "aggregate_img_s", "aggregate_wall_img_s", "per_job_img_s",
+                          "per_process_img_s", "speedup"}
+        assert c["processes"] == k and len(c["per_process_img_s"]) == k
+        assert c["threads"] == 1  # max(1, 1 thread // K): the module runs torch on one thread
+        for key in ("aggregate_img_s", "aggregate_wall_img_s", "per_job_img_s", "speedup"):
+            assert math.isfinite(c[key]) and c[key] > 0, (k, key)
+        assert c["aggregate_img_s"] == pytest.approx(sum(c["per_process_img_s"]))
+        assert c["per_job_img_s"] == pytest.approx(c["aggregate_img_s"] / k)
+        assert c["aggregate_wall_img_s"] <= c["aggregate_img_s"] * (1 + 1e-9)  # the stricter figure
+        assert c["speedup"] == pytest.approx(c["aggregate_img_s"] / result["concurrent"][1]["aggregate_img_s"])
+    assert result["concurrent"][1]["speedup"] == 1.0
+    table = bench.format_table(result)
+    assert "--concurrent" in table and "2 GPUs" in table
+
+
+def test_concurrency_figures_by_hand():
+    # two processes of 10 steps x batch 4: one takes 2 s, the other starts 0.5 s later and takes 3.5 s
+    c = bench.concurrency_figures([{"started": 0.0, "ended": 2.0}, {"started": 0.5, "ended": 4.0}], 10, 4)
+    assert c["per_process_img_s"] == pytest.approx([20.0, 40 / 3.5])
+    assert c["aggregate_img_s"] == pytest.approx(20 + 40 / 3.5)
+    assert c["aggregate_wall_img_s"] == pytest.approx(80 / 4.0)  # all images / (latest end - earliest start)
+    assert c["per_job_img_s"] == pytest.approx((20 + 40 / 3.5) / 2) and c["processes"] == 2
+
+
+def test_estimate_without_concurrency_is_one_job_per_gpu_at_the_model_speed():
+    cfg = TrainConfig(arch="resnet18", img_size=32)
+    e = bench._paper_estimate(cfg, None, "paper", 100.0, {})
+    assert e["jobs_per_gpu"] == 1 and e["wall_aggregate_img_s"] == {1: 100.0}
+    assert e["wall_hours_1gpu"] == pytest.approx(e["hours_flop_scaled"])  # one GPU, one slot: the plain sum
+    assert 0.5 <= e["wall_ratio_2gpu"] < 1
+    # with --concurrent: the K of the highest aggregate; a K that failed is left out
+    measured = {1: {"aggregate_img_s": 100.0}, 2: {"aggregate_img_s": 150.0}, 4: {"processes": 4, "error": "OOM"}}
+    e2 = bench._paper_estimate(cfg, None, "paper", 100.0, measured)
+    assert e2["jobs_per_gpu"] == 2 and e2["wall_aggregate_img_s"] == {1: 100.0, 2: 150.0}
+    assert e2["wall_hours_1gpu"] < e["wall_hours_1gpu"]
 
 
 def fake_profile():
@@ -85,6 +141,42 @@ def test_paper_profile_estimate_for_a_given_speed():
     assert bench.estimate_hours({"a": 3600.0, "b": 7200.0}, 2.0, {"b": 0.5}) == pytest.approx((3600 + 3600) / 2 / 3600)
 
 
+def test_profile_stages_by_hand():
+    steps = bench.paper_image_steps(fake_profile(), n_train=100, n_val=30)  # a 640, b 2400, b_pl 3300
+    stages = bench.profile_stages(fake_profile(), steps, {"b": 2.0})
+    assert stages == [pytest.approx({"a fold 0": 320, "a fold 1": 320, "b fold 0": 1600, "b fold 1": 1600,
+                                     "b fold 2": 1600}),
+                      pytest.approx({"b_pl fold 0": 1100, "b_pl fold 1": 1100, "b_pl fold 2": 1100})]
+    assert len(bench.profile_stages({**fake_profile(), "pseudo_label_models": []},
+                                    bench.paper_image_steps({**fake_profile(), "pseudo_label_models": []}))) == 1
+
+
+def test_estimate_wall_hours_by_hand():
+    h, w, a1 = 3600.0, 7200.0, 4.0  # hours are seconds / 3600
+    one = {1: a1}
+    # one GPU, one slot: the jobs one after another
+    assert bench.estimate_wall_hours([[w, 2 * w, 3 * w]], 1, 1, one) * h == pytest.approx(6 * w / a1)
+    # two equal jobs sharing a GPU whose aggregate grows 1.5x: both end at 2w / (1.5 a1)
+    shared = {1: a1, 2: 1.5 * a1}
+    assert bench.estimate_wall_hours([[w, w]], 1, 2, shared) * h == pytest.approx(2 * w / (1.5 * a1))
+    # stages are sequential: the second stage's job waits for the first's, though a slot is free
+    assert bench.estimate_wall_hours([[w], [w]], 1, 2, shared) * h == pytest.approx(2 * w / a1)
+    # two GPUs halve a stage of two equal jobs at one job per GPU; with two slots per GPU they still go one per GPU
+    assert bench.estimate_wall_hours([[w, w]], 2, 1, one) * h == pytest.approx(w / a1)
+    assert bench.estimate_wall_hours([[w, w]], 1, 1, one) * h == pytest.approx(2 * w / a1)
+    assert bench.estimate_wall_hours([[w, w]], 2, 2, shared) * h == pytest.approx(w / a1)
+    # a job speeds up when its neighbour ends: 2w and w at 0.75 a1 each until w is done (t = w / 0.75 a1), then the
+    # other has w left, alone at a1
+    assert bench.estimate_wall_hours([[2 * w, w]], 1, 2, shared) * h == pytest.approx(w / (0.75 * a1) + w / a1)
+    # longest first: 2 GPUs x 1 slot, jobs 1, 1, 2 -> 2 on one GPU, 1 + 1 on the other (in the given order: 3)
+    assert bench.estimate_wall_hours([[w, w, 2 * w]], 2, 1, one) * h == pytest.approx(2 * w / a1)
+    # k not measured: the aggregate is interpolated (k=3 -> 30 img/s, 10 per job) and clamped above (k=8 -> 40)
+    sparse = {"1": 10.0, "4": 40.0}  # string keys, as read back from the JSON
+    assert bench.estimate_wall_hours([[w] * 3], 1, 3, sparse) * h == pytest.approx(w / 10)
+    assert bench.estimate_wall_hours([[w] * 8], 1, 8, sparse) * h == pytest.approx(w / 5)
+    assert bench.estimate_wall_hours([[], [0.0]], 1, 1, one) == 0.0
+
+
 def test_small_formulas():
     assert bench.overhead_percent(10.0, 9.5) == pytest.approx(5.0)
     assert bench.overhead_percent(10.0, 11.0) == pytest.approx(-10.0)  # negative: the project loop is faster
@@ -106,6 +198,19 @@ def test_bad_settings_fail_clearly():
         bench.paper_image_steps({**fake_profile(), "pseudo_label_models": ["c"]})
     with pytest.raises(ValueError, match="images_per_s"):
         bench.estimate_hours({"a": 1.0}, 0.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.estimate_wall_hours([[1.0]], 0, 1, {1: 1.0})
+    with pytest.raises(ValueError, match="empty"):
+        bench.estimate_wall_hours([[1.0]], 1, 1, {})
+    with pytest.raises(ValueError, match="speeds > 0"):
+        bench.estimate_wall_hours([[1.0]], 1, 1, {1: 0.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        bench.estimate_wall_hours([[-1.0]], 1, 1, {1: 1.0})
+    with pytest.raises(ValueError, match="K must be >= 1"):  # before any process starts
+        bench.measure_concurrent(TrainConfig(arch="resnet18", device="cpu"), [0, 2], torch.zeros(1), torch.zeros(1),
+                                 1, 0)
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--concurrent", "0"])
 
 
 def _png(path, value=128):
@@ -160,4 +265,5 @@ def test_bare_loop_does_the_same_math_as_the_project_step(head, sam):
         if name.endswith("num_batches_tracked"):
             continue  # a counter the bare loop does not restore after the 2nd pass; unused when BN momentum is set
         assert torch.allclose(p, bare_model.state_dict()[name], rtol=1e-4, atol=1e-6), name
-    assert max(float((p.detach() - initial[n]).abs().max()) for n, p in project_model.named_parameters()) > 1e-3  # it moved
+    moved = max(float((p.detach() - initial[n]).abs().max()) for n, p in project_model.named_parameters())
+    assert moved > 1e-3

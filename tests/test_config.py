@@ -1,7 +1,22 @@
 """Config namespace and profiles: validation errors name the fix; the shipped profiles are well-formed."""
-import pytest
+import ast
+import json
+import re
 
-from utils.config import PROFILES_DIR, ConfigError, TrainConfig, load_profile
+import pytest
+import yaml
+
+from utils import pipeline
+from utils.config import (
+    PROFILES_DIR,
+    REPO_ROOT,
+    SETTINGS_CLASSES,
+    ConfigError,
+    TrainConfig,
+    check_run_settings,
+    known_settings,
+    load_profile,
+)
 
 
 def test_defaults_are_the_paper_recipe():
@@ -12,7 +27,8 @@ def test_defaults_are_the_paper_recipe():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("head", "softmax", "choose one of"), ("pooling", "gem", "choose one of"), ("optimizer", "lamb", "choose one of"), ("sam", "gsam", "choose one of"),
+    ("head", "softmax", "choose one of"), ("pooling", "gem", "choose one of"), ("optimizer", "lamb", "choose one of"),
+    ("sam", "gsam", "choose one of"),
     ("save_last_k", 99, "save_last_k"), ("in_chans", 4, "in_chans"), ("folds", [], "at least one fold"),
 ])
 def test_bad_values_fail_with_the_fix(field, value, message):
@@ -31,9 +47,7 @@ def test_from_namespace_picks_fields_and_roundtrips(tmp_path):
 def test_shipped_profiles_build_valid_configs(profile):
     loaded = load_profile(profile)
     assert loaded["models"], "a profile trains at least one model"
-    for model in loaded["models"]:
-        fields = {k: v for k, v in {**loaded["params"], **model}.items() if k in TrainConfig.field_names()}
-        TrainConfig(**fields)
+    assert len(check_run_settings(loaded, {})["train"]) == len(loaded["models"])  # strict: keys, types, ranges
 
 
 def test_unknown_profile_lists_known_ones():
@@ -47,3 +61,97 @@ def test_paper_profile_is_the_table2_ensemble():
     assert combos == {("resnext50_32x4d", "exp", "avg"), ("resnest50d", "exp", "hybrid"),
                       ("resnest101e", "exp", "hybrid"), ("resnest50d", "ldl", "hybrid")}
     assert paper["params"]["img_size"] == 512 and paper["params"]["epochs"] == 50
+
+
+# ------------------------------------------------------------------------------------------- strict settings
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+
+
+def write_profile(path, params, models):
+    path.write_text(yaml.safe_dump({"params": params, "models": models}))
+    return load_profile(path)
+
+
+@pytest.mark.parametrize("params, model, overrides, where, key, closest", [
+    ({"weight_decy": 0.1}, {}, {}, "params", "weight_decy", "weight_decay"),
+    ({}, {"epoch": 3}, {}, "models[0] (m)", "epoch", "epochs"),
+    ({}, {}, {"lerning_rate": 1}, "-p", "lerning_rate", None),
+    ({}, {"n_folds": 3}, {}, "models[0] (m)", "n_folds", None),  # a model entry takes training settings only
+])
+def test_an_unknown_key_names_the_file_the_key_and_the_closest_names(tmp_path, params, model, overrides, where,
+                                                                     key, closest):
+    profile = write_profile(tmp_path / "p.yaml", params, [{"model_name": "m", **model}])
+    with pytest.raises(ConfigError) as info:
+        check_run_settings(profile, overrides)
+    message = str(info.value)
+    assert f"unknown setting {key!r}" in message and where in message
+    assert ("p.yaml" in message) == (where != "-p")
+    if closest:
+        assert f"closest valid names: {closest}" in message
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"epochs": "abc"}, "-p: epochs='abc': expected a whole number"),
+    ({"epochs": 2.5}, "-p: epochs=2.5: expected a whole number"),
+    ({"lr": -1}, "-p: lr=-1.0: must be > 0"),
+    ({"folds": [7]}, "-p: folds=[7]: fold 7 does not exist with n_folds=5"),
+    ({"img_size": 0}, "-p: img_size=0: use at least 16 px"),
+    ({"arch": "resnet181"}, "-p: arch='resnet181': not a timm architecture; closest: resnet18"),
+    ({"n_folds": 1}, "-p: n_folds=1: cross-validation needs at least 2 folds"),
+    ({"split": "Tset"}, "-p: split='Tset': choose one of Val, Test"),
+    ({"data_dir": "/x"}, "'data_dir' is set by run_all.sh"),
+])
+def test_bad_values_fail_before_anything_runs_naming_their_source(tmp_path, overrides, fragment):
+    profile = write_profile(tmp_path / "p.yaml", {"epochs": 3, "save_last_k": 1}, [{"model_name": "m"}])
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        check_run_settings(profile, overrides)
+
+
+def test_a_bad_value_in_a_model_entry_names_the_entry(tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", {}, [{"model_name": "ok"}, {"model_name": "bad", "head": "softmax"}])
+    with pytest.raises(ConfigError, match=r"p.yaml: models\[1\] \(bad\): head='softmax': choose one of"):
+        check_run_settings(profile, {})
+
+
+def test_the_pipeline_checks_settings_before_writing_or_decoding_anything(tmp_path, capsys):
+    for args in (["-p", "epochs", "2.5"], ["-p", "weight_decy", "0.1"], ["-p", "folds", "[7]"]):
+        assert pipeline.main(["--workdir", str(tmp_path)] + args) == 1
+        assert "error: -p" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no runs/, no phantom set, no cache
+
+
+def test_a_key_of_a_stage_left_out_is_not_unknown(tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", {"n_folds": 3, "greedy_selection": True}, [{"model_name": "m"}])
+    settings = check_run_settings(profile, {"split": "Test"})
+    assert settings["folds"].n_folds == 3 and settings["submit"].split == "Test"
+    assert settings["ensemble"].greedy_selection
+
+
+def _parameters(notebook):
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1, f"{notebook.name}: exactly one parameters cell"
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_parameters_are_the_settings_with_their_defaults(notebook):
+    """Each notebook parameter is a field of one settings class with the same default: the two cannot drift."""
+    owners = known_settings()
+    for name, value in _parameters(notebook).items():
+        assert name in owners, f"{notebook.name}: {name} is not a setting of utils.config"
+        assert value == owners[name].defaults()[name], f"{notebook.name}: {name} = {value!r} differs from " \
+            f"{owners[name].__name__}'s default {owners[name].defaults()[name]!r}"
+
+
+def test_02_train_declares_every_training_setting_and_no_notebook_edits_sys_path():
+    assert set(_parameters(REPO_ROOT / "notebooks" / "02_train.ipynb")) == \
+        set(TrainConfig.field_names()) | {"data_dir", "run_dir", "cache_dir"}
+    for notebook in NOTEBOOKS:
+        assert "sys.path" not in notebook.read_text(), notebook.name
+
+
+def test_every_setting_is_defined_once():
+    names = [name for cls in SETTINGS_CLASSES for name in cls.field_names()]
+    assert len(names) == len(set(names))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import data
+from utils import data, files
 from utils.data import DataError, DataNotFoundError
 
 SAMPLE_NAMES = [f"Image_{i:04d}.png" for i in range(20)] + ["Image_0292.png"]
@@ -285,13 +285,13 @@ def test_load_split_errors(tmp_path):
 
 def test_load_split_label_image_mismatch(tmp_path):
     names = [f"Image_{i:04d}.png" for i in range(8)]
-    make_split(tmp_path, "Train", names[:2], {n: 0.0 for n in names})
+    make_split(tmp_path, "Train", names[:2], dict.fromkeys(names, 0.0))
     with pytest.raises(DataError) as info:
         data.load_split(tmp_path, "Train")
     assert "6 labelled slice(s) have no image" in str(info.value)
     assert "Image_0002.png, Image_0003.png, Image_0004.png, Image_0005.png, Image_0006.png, ..." in str(info.value)
     other = tmp_path / "other"
-    make_split(other, "Train", names, {n: 0.0 for n in names[:5]})
+    make_split(other, "Train", names, dict.fromkeys(names[:5], 0.0))
     with pytest.raises(DataError, match=r"3 image\(s\) have no row .*Image_0005.png"):
         data.load_split(other, "Train")
 
@@ -404,9 +404,9 @@ def test_cached_images_ignore_stale_tmp(small_split, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     target = data.cache_path(small_split, cache, 16, 1, "Train")
-    stale = target.with_name(target.name + ".tmp-999999999")  # a killed run's leftover (no such pid)
+    stale = target.with_name(f".{target.name}.tmp-{files.HOST}-999999999")  # a killed run's leftover (no such pid)
     stale.write_bytes(b"half written")
-    mine = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    mine = files.temp_path(target)
     mine.write_bytes(b"left over by this pid")
     images = data.cached_images(small_split, cache, 16, 1, "Train")
     assert images.shape == (6, 16, 16, 1)

@@ -60,7 +60,9 @@ def test_oof_table_matches_hand_computation():
     assert table.loc["a", "MAE"] == pytest.approx(1.0)
     assert table.loc["b", "MAE"] == pytest.approx(9.0)
     assert table.loc["a", "RMSE"] == pytest.approx(np.sqrt(2.0))
-    assert table.loc["a", "fold_MAE_std"] == pytest.approx(1.0)  # fold MAEs 2 and 0
+    # fold MAEs 2 and 0: the sample sd (ddof=1), as in every fold table of the project (it was ddof=0 here once)
+    assert table.loc["a", "fold_MAE_std"] == pytest.approx(np.std([2.0, 0.0], ddof=1))
+    assert (table.loc["a", "fold_MAE_min"], table.loc["a", "fold_MAE_max"], table.loc["a", "n_folds"]) == (0.0, 2.0, 2)
     assert table.loc["b", "fold_RMSE_mean"] == pytest.approx(9.0)  # fold RMSEs 8 and 10
     assert table.index[0] == "a"  # sorted by MAE
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses import (NUM_BINS, check_targets, head_loss, kl_to_target, smooth_l1, target_distribution)
+from utils.losses import NUM_BINS, check_targets, head_loss, kl_to_target, smooth_l1, target_distribution
 
 
 def hand_integer_distribution(label: int) -> list[float]:

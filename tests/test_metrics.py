@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from utils.metrics import (PredictionFileError, mae, pearson, read_prediction_csv, rmse, score, subject_scores)
+from utils.metrics import PredictionFileError, mae, pearson, read_prediction_csv, rmse, score, subject_scores
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^MAE \d+\.\d{8} PC -?\d+\.\d{9} RMSE \d+\.\d{9}$")
@@ -49,8 +49,8 @@ def write(path: Path, lines: list[str], newline: str = "\n") -> Path:
     return path
 
 
-def run_cli(*paths: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "utils.metrics", *map(str, paths)], cwd=REPO,
+def run_cli(*args: Path | str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "utils.metrics", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -59,7 +59,9 @@ def test_cli_headerless_crlf_truth_and_header_submission(tmp_path):
                                            "Image_0002.png,55.0,1", "Image_0003.png,80.0,1"], "\r\n")
     submission = write(tmp_path / "sub.csv", ["Image,Predicted", "Image_0003.png,70", "Image_0001.png,12.5",
                                               "Image_0000.png,1", "Image_0002.png,50", "Image_9999.png,3"])
-    result = run_cli(submission, truth)
+    refused = run_cli(submission, truth)  # an extra row: the challenge would reject the file
+    assert refused.returncode == 2 and "row 6: Image_9999.png" in refused.stderr and "--allow-extra" in refused.stderr
+    result = run_cli(submission, truth, "--allow-extra")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert LINE.match(line), line
@@ -80,7 +82,7 @@ def test_cli_missing_rows_is_an_error(tmp_path):
 
 def test_reader_errors_name_file_and_line(tmp_path):
     bad_value = write(tmp_path / "bad.csv", ["name,value", "a.png,1", "b.png,oops"])
-    with pytest.raises(PredictionFileError, match=r"bad.csv, line 3.*oops"):
+    with pytest.raises(PredictionFileError, match=r"bad.csv, row 3.*oops"):
         read_prediction_csv(bad_value)
     duplicate = write(tmp_path / "dup.csv", ["a.png,1", "b.png,2", "a.png,3"])
     with pytest.raises(PredictionFileError, match="duplicate.*a.png"):
@@ -97,3 +99,17 @@ def test_reader_columns_and_real_train_csv(shared_dir):
     assert len(frame) == 3054 and frame["subject"].nunique() == 132
     assert frame.loc[0, "name"] == "Image_0000.png" and frame["value"].between(0, 100).all()
     assert score(frame["value"], frame["value"])["MAE"] == 0.0
+
+
+@pytest.mark.parametrize("rows, row, fragment", [
+    (["a.png,150", "b.png,2"], 1, "150"),  # impossible predictions: the challenge rejects them
+    (["a.png,1", "b.png,-20"], 2, "-20"),
+    (["a.png,abc", "b.png,2"], 1, "'abc' of 'a.png' is not a number"),  # a bad first row is a data row, not a header
+    (["a.png,", "b.png,2"], 1, "not a number"),
+])
+def test_the_scorer_refuses_what_the_challenge_would_naming_the_row(tmp_path, rows, row, fragment):
+    truth = write(tmp_path / "truth.csv", ["a.png,1.0,0", "b.png,2.0,0"])
+    submission = write(tmp_path / "sub.csv", rows)
+    result = run_cli(submission, truth)
+    assert result.returncode == 2 and f"row {row}" in result.stderr and fragment in result.stderr, result.stderr
+    assert result.stdout == ""

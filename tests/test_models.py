@@ -40,7 +40,6 @@ def test_head_outputs_match_hand_computation(head, images):
         f2 = sum(w * p for w, p in zip(model.head_reg.weight[0].tolist(), probs)) + model.head_reg.bias.item()
         assert out["expectation"][row].item() == pytest.approx(expectation, rel=1e-4)
         assert out["reg"][row].item() == pytest.approx(f2, rel=1e-4, abs=1e-5)
-    torch.testing.assert_close(model.predict(images), out["reg"])
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)

@@ -170,3 +170,20 @@ def test_cli_small_run(tmp_path):
     refused = subprocess.run(command[:4] + ["--subjects", "4"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode == 2 and "force" in refused.stderr
+
+
+def test_force_keeps_the_old_set_when_the_final_rename_fails(tmp_path, monkeypatch):
+    out = tmp_path / "set"
+    old_summary = generate_phantoms(out, subjects=2, size=48, slices_per_subject=(1, 1), num_workers=1)
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(target) == out and Path(source).name.startswith(".set.tmp-"):
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        generate_phantoms(out, subjects=3, size=48, slices_per_subject=(1, 1), num_workers=1, force=True)
+    assert json.loads((out / phantoms.MANIFEST).read_text()) == old_summary  # the old set is back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no tmp or retired folders left

@@ -2,7 +2,6 @@
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,8 @@ def tiny_run(tmp_path_factory):
     phantoms.generate_phantoms(data, subjects=12, size=64, seed=3)
     profile = root / "tiny.yaml"
     profile.write_text(yaml.safe_dump(TINY_PROFILE))
-    argv = ["--workdir", str(root), "--data", str(data), "--profile", str(profile), "--name", "tiny", "--kernel", "python3"]
+    argv = ["--workdir", str(root), "--data", str(data), "--profile", str(profile), "--name", "tiny",
+            "--kernel", "python3"]
     assert pipeline.main(argv) == 0
     return root, data, argv
 
@@ -56,7 +56,7 @@ def test_every_stage_left_an_executed_notebook(tiny_run):
     root, _, _ = tiny_run
     executed = sorted(p.stem for p in (root / "runs" / "tiny" / "notebooks").glob("*.ipynb"))
     assert executed == ["00_eda", "01_folds", "02_train__a_ldl", "02_train__a_ldl_pl", "02_train__b_reg",
-                        "03_ensemble", "04_pseudo_label", "05_submit"]
+                        "03_ensemble", "04_pseudo_label", "04_pseudo_label__after_retraining", "05_submit"]
     run = root / "runs" / "tiny"
     assert (run / "pseudo" / "pseudo_labels.csv").is_file() and (run / "pseudo" / "table3.csv").is_file()
     assert (run / "ensemble" / "final_models.txt").read_text().split() == ["a_ldl_pl", "b_reg"]
@@ -76,7 +76,7 @@ def test_rerun_reuses_finished_folds(tiny_run):
 
 @pytest.mark.parametrize("args, message", [
     (["--profile", "no_such_profile"], "profile 'no_such_profile' not found"),
-    (["-p", "no_such_param", "3"], "no notebook has such a parameter"),
+    (["-p", "no_such_param", "3"], "-p: unknown setting .no_such_param."),
     (["--data", "/no/such/folder"], "no such folder"),
 ])
 def test_argument_errors_are_clear(tmp_path, capsys, args, message):
@@ -91,7 +91,8 @@ def test_run_all_sh_rejects_bad_arguments():
 
 
 def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
-    """The `cpu` profile end to end on ~40 real crops of 8 subjects, 1 epoch at 32 px (Train only: OOF submission)."""
+    """The `cpu` profile end to end on ~40 real crops of 8 subjects, 1 epoch at 32 px (Train only: OOF submission),
+    with the self-supervised pretraining step on (1 epoch): its weights become the model's pretrained_file."""
     import pandas as pd
 
     labels = pd.read_csv(shared_dir / "crops" / "Train" / "Train.csv", header=None, names=["name", "pct", "subject"])
@@ -103,9 +104,15 @@ def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
     chosen.to_csv(tmp_path / "crops" / "Train" / "Train.csv", header=False, index=False, lineterminator="\r\n")
     argv = ["--workdir", str(tmp_path), "--data", str(tmp_path / "crops"), "--profile", "cpu", "--name", "cpu_tiny",
             "--kernel", "python3", "-p", "epochs", "1", "-p", "warmup_epochs", "0", "-p", "save_last_k", "1",
-            "-p", "img_size", "32"]
+            "-p", "img_size", "32", "-p", "selfsup_epochs", "1"]
     assert pipeline.main(argv) == 0
+    weights = tmp_path / "runs" / "cpu_tiny" / "selfsup" / "resnet10t_3ch_32px_simclr_e1.pth"
+    assert weights.is_file() and (tmp_path / "runs" / "cpu_tiny" / "selfsup" / f"{weights.name}.history.csv").is_file()
+    trained = yaml.safe_load((tmp_path / "runs" / "cpu_tiny" / "models" / "r10t_reg_avg" / "fold0" / "config.yaml")
+                             .read_text())
+    assert trained["pretrained_file"] == str(weights)
     rows = (tmp_path / "submissions" / "cpu_tiny.csv").read_text().splitlines()
     held_out = pd.read_csv(tmp_path / "runs" / "cpu_tiny" / "folds.csv").query("fold in [0, 1]")["name"]
     assert sorted(r.split(",")[0] for r in rows) == sorted(held_out)  # out-of-fold rows of the two trained folds
-    assert "OUT-OF-FOLD predictions on Train" in executed_text(tmp_path / "runs" / "cpu_tiny" / "notebooks" / "05_submit.ipynb")
+    submit = tmp_path / "runs" / "cpu_tiny" / "notebooks" / "05_submit.ipynb"
+    assert "OUT-OF-FOLD predictions on Train" in executed_text(submit)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from utils import submission
+from utils.metrics import read_prediction_csv
 
 
 def test_written_format_is_headerless_sorted_and_zipped(tmp_path):
@@ -15,7 +16,7 @@ def test_written_format_is_headerless_sorted_and_zipped(tmp_path):
     with zipfile.ZipFile(tmp_path / "sub.zip") as archive:
         assert archive.namelist() == ["predictions.csv"]
         assert archive.read("predictions.csv") == csv.read_bytes()
-    assert submission.read_submission(csv)["prediction"].tolist() == [12.25, 13.0]
+    assert read_prediction_csv(csv)["value"].tolist() == [12.25, 13.0]  # what the scorer reads back
 
 
 @pytest.mark.parametrize("names, values, message", [

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from utils import data, phantoms, sweep
-from utils.config import RunPaths
+from utils import data, jobs, phantoms, sweep
+from utils.config import ConfigError, RunPaths
 from utils.folds import make_folds, write_folds
 
 TINY = {"arch": "resnet10t", "img_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, "optimizer": "adamw",
@@ -17,24 +17,26 @@ def write_profile(path, params, models):
     return str(path)
 
 
-def test_plan_jobs_is_model_major_and_layers_params(tmp_path):
+def test_plan_models_is_in_profile_order_and_layers_params(tmp_path):
     first = write_profile(tmp_path / "a.yaml", {"epochs": 8, "img_size": 96},
                           [{"model_name": "m1"}, {"model_name": "m2", "img_size": 128, "epochs": 12}])
     second = write_profile(tmp_path / "b.yaml", {"epochs": 5}, [{"model_name": "m3"}])
-    jobs = sweep.plan_jobs([first, second], {"epochs": 2, "save_last_k": 1, "warmup_epochs": 0}, folds=[0, 3])
-    assert [(j["params"]["model_name"], j["fold"]) for j in jobs] == [
+    configs = sweep.plan_models([first, second], {"epochs": 2, "save_last_k": 1, "warmup_epochs": 0}, folds=[0, 3])
+    # every model trains every fold: the jobs are (model, fold) pairs, model-major
+    assert [(c.model_name, f) for c in configs for f in c.folds] == [
         ("m1", 0), ("m1", 3), ("m2", 0), ("m2", 3), ("m3", 0), ("m3", 3)]
-    # profile params < model entry < command-line overrides; each job trains its one fold
-    assert [j["params"]["img_size"] for j in jobs[:4]] == [96, 96, 128, 128]
-    assert {j["params"]["epochs"] for j in jobs} == {2}
-    assert all(j["params"]["folds"] == [j["fold"]] for j in jobs)
+    # profile params < model entry < command-line overrides
+    assert [c.img_size for c in configs] == [96, 128, 512]  # m3: TrainConfig's default
+    assert {c.epochs for c in configs} == {2}
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):  # strict, as the pipeline
+        sweep.plan_models([first], {"epoch": 2}, folds=[0])
 
 
 def test_plan_jobs_refuses_a_model_name_in_two_profiles(tmp_path):
     first = write_profile(tmp_path / "a.yaml", {}, [{"model_name": "same"}])
     second = write_profile(tmp_path / "b.yaml", {}, [{"model_name": "same"}])
     with pytest.raises(ValueError, match="'same' appears in two profiles"):
-        sweep.plan_jobs([first, second], {}, folds=[0])
+        sweep.plan_models([first, second], {}, folds=[0])
 
 
 def test_cv_table_pools_out_of_fold_predictions(tmp_path):
@@ -65,7 +67,7 @@ def test_cv_table_pools_out_of_fold_predictions(tmp_path):
     fold_maes = [2.0, 2.0, 2.0]
     assert row["fold_MAE_mean"] == pytest.approx(np.mean(fold_maes))
     assert row["fold_MAE_std"] == pytest.approx(0.0)
-    assert row["folds"] == 3
+    assert row["n_folds"] == 3
     assert sweep.cv_table(tmp_path, complete_only=False)["model"].tolist() == ["good", "partial"]
 
 
@@ -77,7 +79,7 @@ def tiny_data(tmp_path_factory):
 
 
 def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
-    packed_path = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    packed_path = data.pack_images(tiny_data, [32], tmp_path / "packed.npz")
     frame = data.load_split(tiny_data, "Train", require_labels=True)
     with np.load(packed_path) as packed:  # no pickle needed: names are a unicode array
         assert packed["name"].tolist() == frame["name"].tolist()
@@ -89,9 +91,10 @@ def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
 def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path, capsys):
     profile = write_profile(tmp_path / "tiny.yaml", TINY, [{"model_name": "reg", "head": "reg"},
                                                           {"model_name": "ldl", "head": "ldl", "pooling": "hybrid"}])
-    packed = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    packed = data.pack_images(tiny_data, [32], tmp_path / "packed.npz")
     run_dir = tmp_path / "run"
-    summary = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3, jobs=2, threads=1)
+    summary = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3,
+                              runner=jobs.Runner(jobs=2, threads=1))
     assert sorted(zip(summary["model"], summary["fold"])) == [("ldl", 0), ("ldl", 1), ("reg", 0), ("reg", 1)]
     written = pd.read_csv(run_dir / "cv_summary.csv")
     assert len(written) == 4 and written["n"].gt(0).all()
@@ -106,7 +109,8 @@ def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path, capsy
         assert set(predictions["name"]) == held_out and row.n == len(held_out)
 
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("models/*/fold*/predictions.csv")}
-    again = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3, jobs=1, threads=1)
+    again = sweep.run_sweep([profile], run_dir, folds=[0, 1], images=str(packed), n_folds=3,
+                            runner=jobs.Runner(jobs=1, threads=1))
     assert len(again) == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -130,6 +134,6 @@ def test_sweep_needs_exactly_one_source(tmp_path):
 
 def test_a_packed_file_without_the_size_says_how_to_fix_it(tiny_data, tmp_path):
     profile = write_profile(tmp_path / "tiny.yaml", {**TINY, "img_size": 40}, [{"model_name": "reg", "head": "reg"}])
-    packed = sweep.pack_images(tiny_data, [32], tmp_path / "packed.npz")
+    packed = data.pack_images(tiny_data, [32], tmp_path / "packed.npz")
     with pytest.raises(RuntimeError, match="no 40 px images .* --sizes 40"):
         sweep.run_sweep([profile], tmp_path / "run", folds=[0], images=str(packed), n_folds=3)

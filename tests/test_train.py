@@ -1,4 +1,6 @@
 """The training loop on tiny data: what a fold leaves on disk, exact resume after a kill, reuse of finished folds."""
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,7 +38,7 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     val = train.SplitImages(pd.DataFrame({"name": ["v1.png", "v2.png"], "percentage": [np.nan] * 2}),
                             split.images[:2].copy())
     cfg = tiny_config(randaug_n=2, max_steps_per_epoch=2)
-    predictions = train.train_fold(cfg, 0, split, tmp_path / "fold0", {"Val": val}, progress=False, log=lambda m: None)
+    predictions = train.train_fold(cfg, 0, split, tmp_path / "fold0", {"Val": val}, progress=False)
     held_out = split.frame.loc[split.frame["fold"] == 0, "name"]
     assert sorted(p.name for p in (tmp_path / "fold0").glob("checkpoint_epoch*.pt")) == \
         ["checkpoint_epoch001.pt", "checkpoint_epoch002.pt"]  # the last k=2 of 3 epochs
@@ -51,10 +53,10 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog):
     split = tiny_split()
     cfg = tiny_config(sam="sam")
-    reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False, log=lambda m: None)
+    reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False)
 
     calls = {"n": 0}
     real_call = train.StepRunner.__call__
@@ -67,12 +69,12 @@ def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.StepRunner, "__call__", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False, log=lambda m: None)
+        train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
     assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["epoch"] == 0
     monkeypatch.setattr(train.StepRunner, "__call__", real_call)
-    messages = []
-    resumed = train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False, log=messages.append)
-    assert any("resuming after epoch 1" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="utils"):
+        resumed = train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
+    assert "resuming after epoch 1" in caplog.text
     pd.testing.assert_frame_equal(resumed, reference)  # same data order + same momentum => same predictions
     for name in ("checkpoint_epoch001.pt", "checkpoint_epoch002.pt"):
         a = torch.load(tmp_path / "straight" / name, weights_only=True)
@@ -83,16 +85,16 @@ def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_finished_fold_is_reused_not_retrained(tmp_path, monkeypatch):
     split = tiny_split()
     cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
-    first = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    first = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
     monkeypatch.setattr(train, "build_model_for", lambda *a, **k: pytest.fail("a finished fold must not train again"))
-    again = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    again = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
     pd.testing.assert_frame_equal(first, again)
 
 
 def test_sam_loss_falls_on_learnable_data(tmp_path):
     split = tiny_split(n=32)
     cfg = tiny_config(head="exp", epochs=4, save_last_k=1, lr=0.02, randaug_n=0)
-    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
     history = pd.read_csv(tmp_path / "f" / "history.csv")
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
 
@@ -113,16 +115,16 @@ def test_missing_fold_is_an_error(tmp_path):
 def test_a_fold_trained_with_another_recipe_is_not_reused(tmp_path):
     split = tiny_split()
     cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
-    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
     changed = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1, lr=0.5, num_workers=1)
     with pytest.raises(ValueError, match=r"another recipe \(lr: 0.01 -> 0.5\)"):
-        train.train_fold(changed, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+        train.train_fold(changed, 0, split, tmp_path / "f", progress=False)
 
 
 def test_a_fold_with_other_held_out_slices_is_not_reused(tmp_path):
     split = tiny_split()
     cfg = tiny_config(epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=1)
-    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+    train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
     split.frame["fold"] = 1 - split.frame["fold"]  # folds remade: fold 0 now holds other subjects
     with pytest.raises(ValueError, match="other held-out slices"):
-        train.train_fold(cfg, 0, split, tmp_path / "f", progress=False, log=lambda m: None)
+        train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)

@@ -1,52 +1,168 @@
-"""One config namespace for the whole suite: the training recipe, profiles and the run folder layout.
+"""One config namespace for the whole suite: every setting defined once, typed, and checked before anything runs.
 
-`TrainConfig` holds every knob of one model's training (defaults = the paper's recipe: SAM + SGD, rho 0.05,
-momentum 0.9, weight decay 5e-3, lr 1e-3, batch 8, cosine with 2 warm-up epochs, 50 epochs, 512 px, last 5
-checkpoints kept). A notebook's `parameters` cell sets plain variables; `TrainConfig.from_namespace(globals())`
-turns them into one validated object, and `save_yaml` dumps it next to the checkpoints (as timm's train.py
-dumps its args), so every result on disk says how it was made.
+Each setting is a field of exactly one dataclass, with its default and its checks:
 
-Profiles (`notebooks/profiles/*.yaml`) are papermill parameters: `params` go to every notebook that declares
-them; each entry of `models` is one run of `02_train` (its keys override `params`).
+    PathSettings      data_dir, run_dir, cache_dir          every notebook (run_all.sh sets them)
+    TrainConfig       one model's training recipe           02_train (img_size / in_chans also 00_eda)
+    FoldSettings      n_folds, fold_seed                    01_folds
+    EnsembleSettings  models, greedy_selection, rounding    03_ensemble, 04_pseudo_label
+    SubmitSettings    split, submission_csv, export         05_submit
+    SelfSupSettings   selfsup_epochs, selfsup_method        the pipeline's pretraining step (utils.selfsup)
+
+A notebook's `parameters` cell declares some of these fields with the same defaults (tests/test_config.py compares
+every notebook's parameters with these classes, so the two cannot drift) and turns them into one validated object
+with `<Class>.from_namespace(globals())`. `TrainConfig.save_yaml` dumps the recipe next to the checkpoints (as
+timm's train.py dumps its args), so every result on disk says how it was made.
+
+Profiles (`notebooks/profiles/*.yaml`): `params` go to every notebook that declares them; each entry of `models` is
+one model trained by `02_train` (its keys, TrainConfig fields only, override `params`); `pseudo_label_models` are
+retrained with pseudo-labels. `check_run_settings` checks a profile and the `-p` overrides before a run starts: an
+unknown or misspelled key, a value of the wrong type or out of range, a fold that the folds cannot have; each
+error names the file (or `-p`), the key and the fix.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Union
 
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "notebooks" / "profiles"
+DEFAULT_DATA_DIR = REPO_ROOT / "data" / "phantoms"
+DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache"
+DEFAULT_RUN_DIR = REPO_ROOT / "runs" / "interactive"
+
+# Choices of the method (the paper's heads and poolings, utils.models; optimizers, utils.train / utils.sam).
+HEADS = ("reg", "exp", "ldl")
+POOLINGS = ("avg", "hybrid", "avgmax", "catavgmax")
+NUM_BINS = 101  # the exp/ldl heads' bins: integer percentages 0..100
 OPTIMIZERS = ("sgd", "adamw")
 SAM_MODES = ("sam", "asam", "none")
+SUBMIT_SPLITS = ("Val", "Test")
+PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
 
 class ConfigError(ValueError):
-    """A parameter or profile is wrong; the message names it and the fix."""
+    """A setting or profile is wrong; the message names it and the fix. `key` is the setting at fault, if one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """The one check of a categorical setting (head, pooling, optimizer, ...)."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}", key=name)
+
+
+def check_plain_name(name: str, value: str) -> None:
+    """Names that become folder and file names (model_name, run names)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", value or ""):
+        raise ConfigError(f"{name}={value!r}: use letters, digits and - _ . + only (it names a folder)", key=name)
+
+
+# ----------------------------------------------------------------------------------------------- typed fields
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        parts = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_describe(a) for a in parts) + (" or null" if len(parts) < len(typing.get_args(hint))
+                                                            else "")
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(hint, str(hint))
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` checked against the field's type hint (ints are accepted as floats, tuples as lists)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(name, value, option)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_typed(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{name}={value!r}: expected {_describe(hint)}", key=name.split("[")[0])
+
+
+class Settings:
+    """Base of the settings dataclasses: each field is type-checked on construction, then `validate` checks ranges."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Ranges and choices; raise ConfigError(message, key)."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any]):
+        """This class's fields picked out of a notebook's variables (the `parameters` cell); others are ignored."""
+        return cls(**{name: namespace[name] for name in cls.field_names() if name in namespace})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_all(checks: list[tuple[bool, str, str]]) -> None:
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}={message}", key=key)
+
+
+# ----------------------------------------------------------------------------------------------- the settings
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything that defines one model's training; defaults are the paper's recipe (GPU, real data)."""
-    # Fields are papermill parameters of notebooks/02_train.ipynb: keep the two in step.
 
     model_name: str = "resnest50d_exp_hybrid"
-    arch: str = "resnest50d"
-    head: str = "exp"  # reg | exp | ldl  (utils.models.HEADS)
-    pooling: str = "hybrid"  # avg | hybrid | avgmax | catavgmax  (utils.models.POOLINGS)
-    in_chans: int = 3
+    arch: str = "resnest50d"  # any timm CNN
+    head: str = "exp"  # reg | exp | ldl
+    pooling: str = "hybrid"  # avg | hybrid | avgmax | catavgmax
+    in_chans: int = 3  # 1 (gray) or 3 (ImageNet weights)
     img_size: int = 512
     drop_rate: float = 0.0
-    pretrained: bool = False
-    pretrained_file: str | None = None
-    # optimisation
+    pretrained: bool = False  # timm's ImageNet weights (hub download, or its local cache)
+    pretrained_file: str | None = None  # or a local .pth/.safetensors of the same arch (e.g. utils.selfsup's)
     optimizer: str = "sgd"  # sgd | adamw: the base optimizer
-    sam: str = "sam"  # sam | asam | none: the SAM wrapper around the base optimizer (utils.sam)
+    sam: str = "sam"  # sam | asam | none: the SAM wrapper around it
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-3
@@ -57,108 +173,267 @@ class TrainConfig:
     min_lr: float = 1e-6
     batch_size: int = 8
     clip_grad: float | None = None
-    kl_weight: float = 1.0
-    # augmentation (RandAugment: n_ops ops of magnitude 0..30 per image)
-    randaug_n: int = 2
-    randaug_m: int = 9
-    tta_hflip: bool = False
-    # folds and checkpoints
-    folds: list[int] = field(default_factory=lambda: [0, 1])
-    save_last_k: int = 5
+    kl_weight: float = 1.0  # weight of the ldl head's KL term
+    randaug_n: int = 2  # RandAugment: ops per image
+    randaug_m: int = 9  # RandAugment: magnitude 0..30
+    tta_hflip: bool = False  # average predictions with the h-flipped image
+    folds: list[int] = field(default_factory=lambda: [0, 1])  # folds to train (of FoldSettings.n_folds)
+    save_last_k: int = 5  # checkpoints of the last k epochs are kept and averaged
     seed: int = 42
-    use_pseudo_labels: bool = False
-    # hardware: "auto" = cuda when present (bf16 autocast, channels_last), else cpu fp32
-    device: str = "auto"
+    use_pseudo_labels: bool = False  # add 04_pseudo_label's labelled Val/Test slices to every fold's training part
+    device: str = "auto"  # auto: cuda when present (bf16 autocast), else cpu fp32
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-    num_workers: int = -1  # -1: min(8, cores - 1) on GPU, 0 on CPU (workers would steal the model's cores)
-    max_steps_per_epoch: int | None = None  # for smoke tests only
-
-    def __post_init__(self) -> None:
-        self.validate()
+    num_workers: int = -1  # loader workers; -1: min(8, cores - 1) on GPU, 0 on CPU
+    max_steps_per_epoch: int | None = None  # smoke tests only
 
     def validate(self) -> None:
-        from utils.models import HEADS, POOLINGS  # late import: config must not pull in torch for pipeline CLI
-
-        checks = [
-            (self.head in HEADS, f"head={self.head!r}: choose one of {HEADS}"),
-            (self.pooling in POOLINGS, f"pooling={self.pooling!r}: choose one of {POOLINGS}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}"),
-            (self.sam in SAM_MODES, f"sam={self.sam!r}: choose one of {SAM_MODES}"),
-            (self.in_chans in (1, 3), f"in_chans={self.in_chans}: use 1 (grayscale) or 3 (ImageNet weights)"),
-            (self.img_size >= 16, f"img_size={self.img_size}: use at least 16 px"),
-            (self.epochs >= 1, f"epochs={self.epochs}: need at least 1"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size}: need at least 1"),
-            (1 <= self.save_last_k <= self.epochs, f"save_last_k={self.save_last_k}: must be in 1..epochs ({self.epochs})"),
-            (0 <= self.warmup_epochs < self.epochs, f"warmup_epochs={self.warmup_epochs}: must be in [0, epochs)"),
-            (len(self.folds) >= 1, "folds=[]: list at least one fold to train"),
-            (self.lr > 0, f"lr={self.lr}: must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_namespace(cls, namespace: Mapping[str, Any]) -> "TrainConfig":
-        """Pick this config's fields out of a notebook's variables (the `parameters` cell); missing ones keep defaults."""
-        values = {name: namespace[name] for name in cls.field_names() if name in namespace}
-        if "folds" in values:
-            values["folds"] = [int(f) for f in values["folds"]]
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        check_plain_name("model_name", self.model_name)
+        check_choice("head", self.head, HEADS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("sam", self.sam, SAM_MODES)
+        _check_all([
+            (self.in_chans in (1, 3), "in_chans", f"{self.in_chans}: use 1 (grayscale) or 3 (ImageNet weights)"),
+            (self.img_size >= 16, "img_size", f"{self.img_size}: use at least 16 px"),
+            (0 <= self.drop_rate < 1, "drop_rate", f"{self.drop_rate}: must be in [0, 1)"),
+            (self.epochs >= 1, "epochs", f"{self.epochs}: need at least 1"),
+            (self.batch_size >= 1, "batch_size", f"{self.batch_size}: need at least 1"),
+            (1 <= self.save_last_k <= self.epochs, "save_last_k", f"{self.save_last_k}: must be in 1..epochs "
+                                                                  f"({self.epochs})"),
+            (0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"{self.warmup_epochs}: must be in [0, epochs)"),
+            (self.lr > 0, "lr", f"{self.lr}: must be > 0"),
+            (self.warmup_lr > 0 and self.min_lr >= 0, "warmup_lr", f"{self.warmup_lr} / min_lr={self.min_lr}: "
+                                                                   "must be > 0 / >= 0"),
+            (0 <= self.momentum < 1, "momentum", f"{self.momentum}: must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", f"{self.weight_decay}: must be >= 0"),
+            (self.sam_rho >= 0, "sam_rho", f"{self.sam_rho}: must be >= 0"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad", f"{self.clip_grad}: must be > 0 or null"),
+            (self.kl_weight >= 0, "kl_weight", f"{self.kl_weight}: must be >= 0"),
+            (0 <= self.randaug_n <= 10, "randaug_n", f"{self.randaug_n}: RandAugment's N must be in 0..10"),
+            (0 <= self.randaug_m <= 30, "randaug_m", f"{self.randaug_m}: RandAugment's M must be in 0..30"),
+            (len(self.folds) >= 1, "folds", "[]: list at least one fold to train"),
+            (all(f >= 0 for f in self.folds) and len(set(self.folds)) == len(self.folds), "folds",
+             f"{self.folds}: folds are distinct numbers 0..n_folds-1"),
+            (self.num_workers >= -1, "num_workers", f"{self.num_workers}: use -1 (automatic) or 0 and up"),
+            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "max_steps_per_epoch",
+             f"{self.max_steps_per_epoch}: must be >= 1 or null"),
+            (bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
+             f"{self.device!r}: use auto, cpu, cuda or cuda:N"),
+        ])
+        check_arch(self.arch)
 
     def save_yaml(self, path: str | Path) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from utils import files
+
+        files.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: str | Path) -> "TrainConfig":
+    def load_yaml(cls, path: str | Path) -> TrainConfig:
         return cls(**yaml.safe_load(Path(path).read_text()))
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_arch(arch: str) -> None:
+    """An unknown timm architecture is an error listing the closest names (imports timm: call it late)."""
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.6)
+        raise ConfigError(f"arch={arch!r}: not a timm architecture" + (f"; closest: {', '.join(close)}" if close
+                                                                        else " (see timm.list_models())"), key="arch")
+
+
+@dataclass
+class PathSettings(Settings):
+    """Where a notebook reads and writes. run_all.sh passes absolute paths; None is the interactive default."""
+
+    data_dir: str | None = None  # official layout (Train/, Val/[, Test/]); None: the phantom set, made on first use
+    run_dir: str | None = None  # everything the run writes; None: runs/interactive
+    cache_dir: str | None = None  # decoded-image cache shared by runs; None: data/cache
+
+    def resolved(self) -> PathSettings:
+        """Absolute paths, with the defaults filled in (the phantom set is generated when it is the data and
+        missing)."""
+        data_dir = Path(self.data_dir).expanduser() if self.data_dir else DEFAULT_DATA_DIR
+        if self.data_dir is None and not (data_dir / "Train").is_dir():
+            from utils import phantoms
+
+            phantoms.generate_phantoms(data_dir)
+        return PathSettings(str(data_dir.resolve()), str(Path(self.run_dir or DEFAULT_RUN_DIR).resolve()),
+                            str(Path(self.cache_dir or DEFAULT_CACHE_DIR).resolve()))
+
+    @property
+    def run(self) -> RunPaths:
+        return RunPaths(self.run_dir or DEFAULT_RUN_DIR)
+
+
+@dataclass
+class FoldSettings(Settings):
+    n_folds: int = 5  # subject-grouped, severity-stratified folds (utils.folds)
+    fold_seed: int = 0
+
+    def validate(self) -> None:
+        _check_all([(self.n_folds >= 2, "n_folds", f"{self.n_folds}: cross-validation needs at least 2 folds")])
+
+
+@dataclass
+class EnsembleSettings(Settings):
+    models: list[str] | None = None  # models to combine (None: every trained model; 04: the 03 ensemble)
+    greedy_selection: bool = False  # choose models by forward selection on OOF MAE
+    rounding: bool = True  # round half up (the submission rule)
+
+
+@dataclass
+class SubmitSettings(Settings):
+    split: str = "Val"  # the split to submit: Val (validation phase) or Test
+    submission_csv: str | None = None  # None: submissions/<run name>.csv
+    export: bool = True  # also write runs/<name>/export/ (what utils.predict needs, nothing else)
+
+    def validate(self) -> None:
+        check_choice("split", self.split, SUBMIT_SPLITS)
+
+    def csv_path(self, run_dir: str | Path) -> Path:
+        """Where the submission goes: `submission_csv`, else submissions/<run name>.csv."""
+        if self.submission_csv:
+            return Path(self.submission_csv)
+        return REPO_ROOT / "submissions" / f"{Path(run_dir).name}.csv"
+
+
+@dataclass
+class SelfSupSettings(Settings):
+    """Self-supervised pretraining of each model's backbone on every slice of the data, labels unused
+    (utils.selfsup); its weights become the model's pretrained_file. A pipeline stage, no notebook."""
+
+    selfsup_epochs: int = 0  # 0: off
+    selfsup_method: str = "simclr"  # simclr | simsiam
+
+    def validate(self) -> None:
+        check_choice("selfsup_method", self.selfsup_method, ("simclr", "simsiam"))
+        _check_all([(self.selfsup_epochs >= 0, "selfsup_epochs", f"{self.selfsup_epochs}: 0 (off) or more")])
+
+
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (PathSettings, TrainConfig, FoldSettings, EnsembleSettings,
+                                                SubmitSettings, SelfSupSettings)
+# Set by run_all.sh from --data / --name, never by a profile or -p.
+RESERVED_SETTINGS = frozenset(PathSettings.field_names()) | {"submission_csv"}
+
+
+def known_settings() -> dict[str, type[Settings]]:
+    """Every setting name -> the one class that defines it."""
+    return {name: cls for cls in SETTINGS_CLASSES for name in cls.field_names()}
+
+
+# ----------------------------------------------------------------------------------------------- checking a run
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"closest valid names: {', '.join(close)}" if close else f"valid names: {', '.join(sorted(valid))}"
+    return ConfigError(f"{where}: unknown setting {key!r}; {hint}", key=key)
+
+
+def _attributed(error: ConfigError, sources: list[tuple[str, Mapping[str, Any]]]) -> ConfigError:
+    """The error, prefixed with the last source that set its key (-p beats a model entry beats params)."""
+    where = next((w for w, values in reversed(sources) if error.key in values), "default")
+    return ConfigError(f"{where}: {error}", key=error.key)
+
+
+def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a loaded profile and the -p overrides before anything runs; returns the validated settings:
+    {"train": [TrainConfig per model], "pseudo": [TrainConfig per pseudo-label retrain], "folds": FoldSettings,
+    "ensemble": EnsembleSettings, "submit": SubmitSettings}."""
+    known = known_settings()
+    valid = sorted(set(known) - RESERVED_SETTINGS)
+    path = profile["path"]
+    sources = [(f"{path}: params", profile["params"]), ("-p", overrides)]
+    for where, values in sources:
+        for key in values:
+            if key in RESERVED_SETTINGS:
+                raise ConfigError(f"{where}: {key!r} is set by run_all.sh (--data, --name); remove it", key=key)
+            if key not in known:
+                raise _unknown_key(where, key, valid)
+    shared = {**profile["params"], **overrides}
+
+    def build(cls: type[Settings], values: Mapping[str, Any], layers: list[tuple[str, Mapping[str, Any]]]):
+        try:
+            return cls(**{k: v for k, v in values.items() if k in cls.field_names()})
+        except ConfigError as error:
+            raise _attributed(error, layers) from None
+
+    fold_settings = build(FoldSettings, shared, sources)
+    trains = []
+    for index, model in enumerate(profile["models"]):
+        where = f"{path}: models[{index}] ({model.get('model_name', '?')})"
+        for key in model:
+            if key not in TrainConfig.field_names():
+                raise _unknown_key(where + " (a model entry takes TrainConfig settings only)", key,
+                                   TrainConfig.field_names())
+        layers = [sources[0], (where, model), sources[1]]
+        cfg = build(TrainConfig, {**profile["params"], **model, **overrides}, layers)
+        bad = [f for f in cfg.folds if f >= fold_settings.n_folds]
+        if bad:
+            raise _attributed(ConfigError(f"folds={cfg.folds}: fold {bad[0]} does not exist with "
+                                          f"n_folds={fold_settings.n_folds} (folds are 0..{fold_settings.n_folds - 1})",
+                                          key="folds"), layers)
+        trains.append(cfg)
+    pseudo_names = profile.get("pseudo_label_models") or []
+    pseudo = [TrainConfig(**{**cfg.to_dict(), "model_name": pseudo_label_name(cfg.model_name),
+                             "use_pseudo_labels": True}) for cfg in trains if cfg.model_name in pseudo_names]
+    return {"train": trains, "pseudo": pseudo, "folds": fold_settings,
+            "ensemble": build(EnsembleSettings, shared, sources), "submit": build(SubmitSettings, shared, sources),
+            "selfsup": build(SelfSupSettings, shared, sources)}
+
+
+PSEUDO_SUFFIX = "_pl"
+
+
+def pseudo_label_name(model_name: str) -> str:
+    """The model retrained with pseudo-labels (the paper's Table 3 pairs it with its original)."""
+    return model_name + PSEUDO_SUFFIX
+
+
+# ----------------------------------------------------------------------------------------------- profiles
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """Read a profile YAML (a name in notebooks/profiles/ or a path) and check its shape."""
+    """Read a profile YAML (a name in notebooks/profiles/ or a path) and check its shape; `check_run_settings`
+    checks its keys and values."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"profile {name_or_path!r} not found (looked for {path}); known profiles: {known}")
-    profile = yaml.safe_load(path.read_text()) or {}
-    unknown = set(profile) - {"description", "params", "models", "pseudo_label_models"}
+    try:
+        profile = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(profile, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(PROFILE_KEYS)}")
+    unknown = set(profile) - set(PROFILE_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; "
-                          "allowed: description, params, models, pseudo_label_models")
+        raise _unknown_key(str(path), sorted(unknown)[0], list(PROFILE_KEYS))
     profile.setdefault("params", {})
     profile.setdefault("models", [])
+    profile["pseudo_label_models"] = profile.get("pseudo_label_models") or []
+    if not isinstance(profile["params"], dict) or not isinstance(profile["models"], list) or \
+            not all(isinstance(m, dict) for m in profile["models"]):
+        raise ConfigError(f"{path}: params must be a mapping and models a list of mappings")
     for i, model in enumerate(profile["models"]):
         if "model_name" not in model:
             raise ConfigError(f"{path}: models[{i}] has no model_name (every trained model needs a unique name)")
     names = [m["model_name"] for m in profile["models"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: duplicate model_name in models: {names}")
+    unknown_pseudo = sorted(set(profile["pseudo_label_models"]) - set(names))
+    if unknown_pseudo:
+        raise ConfigError(f"{path}: pseudo_label_models {unknown_pseudo} are not among the profile's models {names}")
     profile["path"] = str(path)
     return profile
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
 
 
 class RunPaths:
@@ -205,3 +480,7 @@ class RunPaths:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"

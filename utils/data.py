@@ -13,23 +13,23 @@ memmap.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from utils.metrics import is_number
+from utils import csvfiles, files
+from utils.csvfiles import IMAGE_EXTENSIONS  # noqa: F401 (part of this module's API)
 
 SPLITS = ("Train", "Val", "Test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # Folder names accepted for each split (compared case-insensitively).
 SPLIT_FOLDER_NAMES = {
@@ -55,72 +55,29 @@ class DataNotFoundError(DataError, FileNotFoundError):
 def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
     """Read a Per-COVID-19 label CSV into columns `name` (str), `percentage` (float), `subject` (Int64).
 
-    The official file has no header, CRLF line ends and rows `Image_0000.png,0.0,0`; a header row (detected by a
-    non-numeric second field in row 1), LF line ends and two-column files (`name,percentage`, subject <NA>) are
-    accepted too. Blank lines are skipped. Raises DataError naming the file and row for a non-numeric, NaN or
-    out-of-range [0, 100] percentage, a non-integer subject, a duplicate name, a wrong column count or an empty file.
+    The official file has no header, CRLF line ends and rows `Image_0000.png,0.0,0`; a header row, LF line ends and
+    two-column files (`name,percentage`, subject <NA>) are accepted too (utils.csvfiles, the one CSV reader). Raises
+    DataError naming the file and row for a non-numeric, NaN or out-of-range [0, 100] percentage, a non-integer
+    subject, a duplicate name, a wrong column count or an empty file.
     """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise DataNotFoundError(f"label file {path} not found: pass the path of the split's label CSV")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = [(line_no, row) for line_no, row in enumerate(csv.reader(handle), start=1)]
-    rows = [(line_no, [field.strip() for field in row]) for line_no, row in rows if any(f.strip() for f in row)]
-    if not rows:
-        raise DataError(f"label file {path} is empty: expected rows like 'Image_0000.png,0.0,0'")
-    first_line, first_row = rows[0]
-    if len(first_row) >= 2 and not is_number(first_row[1]):
-        rows = rows[1:]  # a header such as "name,percentage,subject"
-        if not rows:
-            raise DataError(f"label file {path} has a header but no data rows")
-    n_columns = len(rows[0][1])
-    names: list[str] = []
-    percentages: list[float] = []
-    subjects: list[object] = []
-    first_row_of_name: dict[str, int] = {}
-    for line_no, row in rows:
-        where = f"{path}, row {line_no}"
-        if len(row) not in (2, 3) or len(row) != n_columns:
-            raise DataError(
-                f"{where}: expected {n_columns if n_columns in (2, 3) else '2 or 3'} comma-separated columns "
-                f"(name,percentage[,subject]), got {len(row)}: {','.join(row)!r}; fix that row"
-            )
-        name, percentage_text = row[0], row[1]
-        if not name:
-            raise DataError(f"{where}: empty image name; every row must start with a file name like Image_0000.png")
-        try:
-            percentage = float(percentage_text)
-        except ValueError:
-            raise DataError(f"{where}: percentage {percentage_text!r} is not a number; write e.g. 12.0") from None
-        if not math.isfinite(percentage) or not 0.0 <= percentage <= 100.0:
-            raise DataError(
-                f"{where}: percentage {percentage_text!r} is not in [0, 100]; the label is 100 x infected lung "
-                f"area / lung area, fix the value"
-            )
-        if name in first_row_of_name:
-            raise DataError(
-                f"{where}: duplicate name {name!r} (first on row {first_row_of_name[name]}); keep one row per slice"
-            )
-        first_row_of_name[name] = line_no
-        subject: object = pd.NA
-        if n_columns == 3:
-            try:
-                subject_value = float(row[2])
-            except ValueError:
-                subject_value = math.nan
-            if not math.isfinite(subject_value) or subject_value != int(subject_value):
-                raise DataError(f"{where}: subject {row[2]!r} is not an integer id; write the CT scan number, e.g. 7")
-            subject = int(subject_value)
-        names.append(name)
-        percentages.append(percentage)
-        subjects.append(subject)
-    return pd.DataFrame(
-        {
-            "name": pd.Series(names, dtype=object),
-            "percentage": pd.Series(percentages, dtype="float64"),
-            "subject": pd.array(subjects, dtype="Int64"),
-        }
-    )
+    try:
+        rows = csvfiles.read_name_value_rows(csv_path, value_name="percentage", example="Image_0000.png,0.0,0",
+                                             range_hint="the label is 100 x infected lung area / lung area, "
+                                                        "fix the value")
+    except FileNotFoundError:
+        raise DataNotFoundError(f"label file {csv_path} not found: pass the path of the split's label CSV") from None
+    except csvfiles.CsvError as error:
+        raise DataError(f"label file {error}") from None
+    subjects: list[object] = [pd.NA] * len(rows.names)
+    for index, text in enumerate(rows.subjects or []):
+        value = float(text) if csvfiles.is_number(text) else math.nan
+        if not math.isfinite(value) or value != int(value):
+            raise DataError(f"label file {rows.where(index)}: subject {text!r} is not an integer id; write the CT "
+                            "scan number, e.g. 7")
+        subjects[index] = int(value)
+    return pd.DataFrame({"name": pd.Series(rows.names, dtype=object),
+                         "percentage": pd.Series(rows.values, dtype="float64"),
+                         "subject": pd.array(subjects, dtype="Int64")})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,13 +90,13 @@ def _canonical_split(split: str) -> str:
     raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     # Hidden files (macOS "._Image_0000.png" forks, ".DS_Store") are never slices.
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image_file(p))
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _visible_subfolders(folder: Path) -> list[Path]:
@@ -151,7 +108,8 @@ def find_split_dir(data_dir: str | os.PathLike, split: str) -> Path | None:
     canonical = _canonical_split(split)
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataNotFoundError(f"data folder {root} not found: point --data at the folder that holds Train/ and Val/")
+        raise DataNotFoundError(f"data folder {root} not found: set data_dir (notebook parameter) or --data "
+                                "(run_all.sh) to the folder that holds Train/ and Val/")
     matches = [p for p in _visible_subfolders(root) if p.name.lower() in SPLIT_FOLDER_NAMES[canonical]]
     if len(matches) > 1:
         raise DataError(
@@ -290,6 +248,25 @@ def _to_luminance(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Every image the project reads is opened here: a missing, empty, truncated or non-image file is a DataError
+    naming the path (PIL's own errors never reach the user)."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise DataNotFoundError(f"image {path} not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode image {path} ({error}); replace the file with a valid PNG/JPEG") from None
+
+
+def image_header(path: str | os.PathLike) -> tuple[str, str, str | None]:
+    """(size "WxH", mode, format) from the file header, without decoding the pixels."""
+    with open_image(path) as image:
+        return f"{image.size[0]}x{image.size[1]}", image.mode, image.format
+
+
 def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
     """Decode one slice to uint8 (size, size, channels): grayscale luminance, bilinear resize, gray replicated to 3.
 
@@ -300,14 +277,9 @@ def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file raises here instead of yielding a half image
-            gray = _to_luminance(image)
-    except FileNotFoundError:
-        raise DataNotFoundError(f"image {path} not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot decode image {path} ({error}); replace the file with a valid PNG/JPEG") from None
+    with open_image(path) as image:
+        image.load()  # decode now: a truncated file raises here instead of yielding a half image
+        gray = _to_luminance(image)
     if gray.size != (size, size):
         gray = gray.resize((size, size), Image.BILINEAR)  # PIL's bilinear widens its kernel when downscaling
     array = np.asarray(gray, dtype=np.uint8)
@@ -369,16 +341,6 @@ def _iterate_decoded(paths: list[str], size: int, channels: int, num_workers: in
         yield from pool.imap(_decode_job, jobs, chunksize=chunk)  # imap keeps frame order
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cached_images(
     frame: pd.DataFrame,
     cache_dir: str | os.PathLike,
@@ -392,9 +354,9 @@ def cached_images(
 
     Rows follow the frame's order. The cache file is keyed by split, size, channels and a hash of the slices' names,
     byte sizes and modification times, so it is rebuilt only when a source file changes and is shared by every
-    fold/model/notebook that asks for the same images. It is written to `<file>.tmp-<pid>` and renamed when
-    complete (a killed run leaves no half cache); older caches of the same folders/split/size/channels are then
-    deleted (those of other data sets are kept).
+    fold/model/notebook that asks for the same images. It is written to a temporary file and renamed when
+    complete (utils.files.atomic_path: a killed run leaves no half cache); older caches of the same
+    folders/split/size/channels are then deleted (those of other data sets are kept).
     `num_workers` > 0 decodes in that many processes.
     """
     if len(frame) == 0:
@@ -411,9 +373,8 @@ def cached_images(
                 return cached
         except (OSError, ValueError):
             pass  # unreadable cache: rebuild below
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    try:
+    files.remove_debris(directory)  # half caches of killed runs
+    with files.atomic_path(target) as temporary:
         output = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
         decoded = _iterate_decoded(list(frame["path"]), size, channels, num_workers)
         if progress:
@@ -424,19 +385,10 @@ def cached_images(
             output[index] = image
         output.flush()
         del output
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    prefix = target.name.rsplit("_", 1)[0] + "_"
-    for old in directory.glob(prefix + "*.npy*"):
-        if old == target:
-            continue
-        if ".tmp-" in old.name:
-            pid_text = old.name.rsplit(".tmp-", 1)[1]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
-                continue  # another live run is writing it
-        old.unlink(missing_ok=True)
+    prefix = target.name.rsplit("_", 1)[0] + "_"  # the same folders/split/size/channels, older content
+    for old in directory.glob(prefix + "*.npy"):
+        if old != target:
+            old.unlink(missing_ok=True)
     return np.load(target, mmap_mode="r")
 
 
@@ -444,10 +396,11 @@ def cached_images(
 # Dataset
 # --------------------------------------------------------------------------------------------------------------
 class SliceDataset(torch.utils.data.Dataset):
-    """(image tensor float32 CHW, target float32 scalar) pairs from a uint8 (N, H, W, C) array and its targets.
+    """(image tensor uint8 CHW, target float32 scalar) pairs from a uint8 (N, H, W, C) array and its targets.
 
-    The transform (see utils.augment.build_transform) does augmentation, normalisation and the tensor conversion;
-    the target is NaN when `targets` is None (unlabelled Val/Test slices).
+    The transform (utils.augment.build_transform) does the augmentation and the tensor conversion; batches are
+    normalised on the device (utils.augment.Normalizer). The target is NaN when `targets` is None (unlabelled
+    Val/Test slices).
     """
 
     def __init__(
@@ -469,3 +422,36 @@ class SliceDataset(torch.utils.data.Dataset):
         image = self.transform(np.asarray(self.images[index]))
         target = math.nan if self.targets is None else float(self.targets[index])
         return image, torch.tensor(target, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed Train split (for machines without the raw slices)
+# --------------------------------------------------------------------------------------------------------------
+def pack_images(data_dir: str | os.PathLike, sizes: Sequence[int], out: str | os.PathLike) -> Path:
+    """Decode the labelled Train split at each size (1 channel: the slices are gray) into one compressed .npz,
+    written atomically: `utils.sweep run --images` trains from it on a machine that lacks the raw slices."""
+    frame = load_split(data_dir, "Train", require_labels=True)
+    arrays = {"name": frame["name"].to_numpy(dtype=str),  # unicode, not object: no pickle
+              "percentage": frame["percentage"].to_numpy(np.float64),
+              "subject": frame["subject"].to_numpy(np.int64)}
+    for size in sizes:
+        arrays[f"images_{size}"] = np.stack([load_image(p, size, 1)[:, :, 0] for p in frame["path"]])
+    return files.save_npz(out, arrays)
+
+
+def packed_labels(packed_npz: str | os.PathLike) -> pd.DataFrame:
+    """name, percentage, subject of a packed Train split."""
+    with np.load(packed_npz) as packed:
+        return pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"], "subject": packed["subject"]})
+
+
+def load_packed(packed_npz: str | os.PathLike, size: int, channels: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """A packed Train split's labels and its uint8 (N, size, size, channels) images."""
+    with np.load(packed_npz) as packed:
+        stored = f"images_{size}"
+        if stored not in packed.files:
+            sizes = sorted(int(k.split("_")[1]) for k in packed.files if k.startswith("images_"))
+            raise DataError(f"{packed_npz} has no {size} px images (it holds {sizes}): pack it again with "
+                            f"--sizes {size}")
+        frame = pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"], "subject": packed["subject"]})
+        return frame, np.repeat(packed[stored][:, :, :, None], channels, axis=3)

@@ -8,12 +8,13 @@ Each trained fold leaves `predictions.csv` (split, name, epoch, prediction) for 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from utils import files
 from utils.config import RunPaths
 from utils.metrics import score
 
@@ -26,11 +27,13 @@ def round_half_up(values: np.ndarray | pd.Series) -> np.ndarray:
 
 
 def load_predictions(run_dir: str | Path, model_names: Iterable[str] | None = None) -> pd.DataFrame:
-    """Every kept checkpoint's predictions of a run: columns model, fold, split, name, epoch, prediction."""
+    """Every kept checkpoint's predictions of a run: columns model, fold, split, name, epoch, prediction.
+    Each predictions.csv is checked against its integrity record first (utils.files)."""
     frames = []
     for model_name, fold, path in RunPaths(run_dir).fold_files("predictions.csv"):
         if model_names is None or model_name in set(model_names):
-            frames.append(pd.read_csv(path).assign(model=model_name, fold=fold))
+            files.verify(path, way_out=f"rerun that fold (delete {path.parent}) or the whole run with --force")
+            frames.append(pd.read_csv(path, dtype={"name": str}).assign(model=model_name, fold=fold))
     if not frames:
         raise FileNotFoundError(f"no predictions under {RunPaths(run_dir).models}/*/fold*/predictions.csv: "
                                 "run notebooks/02_train.ipynb first")
@@ -64,10 +67,12 @@ def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None,
 
 def oof_table(per_model: pd.DataFrame, truth: pd.DataFrame, ensemble_oof: pd.DataFrame | None = None,
               folds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Tables 1-2 of the paper on out-of-fold slices: MAE, PC, RMSE per model (and the ensemble), plus the
-    per-fold MAE mean and spread when `folds` (name, fold) is given."""
+    """Tables 1-2 of the paper on out-of-fold slices, one row per model (and the ensemble), sorted by MAE: MAE, PC,
+    RMSE pooled over the held-out slices; with `folds` (name, fold) also each metric's mean and sample sd (ddof=1,
+    NaN for one fold) over folds, the fold MAE range and the number of folds. The one OOF table of the project
+    (03_ensemble, 04's Table 3, utils.sweep's cross-validation report)."""
     rows = []
-    candidates = [(m, g) for m, g in per_model[per_model["split"] == OOF].groupby("model")]
+    candidates = [(m, g) for m, g in per_model[per_model["split"] == OOF].groupby("model", sort=False)]
     if ensemble_oof is not None:
         candidates.append(("ensemble", ensemble_oof[ensemble_oof["split"] == OOF]))
     for model_name, group in candidates:
@@ -78,10 +83,11 @@ def oof_table(per_model: pd.DataFrame, truth: pd.DataFrame, ensemble_oof: pd.Dat
             merged = merged.merge(folds[["name", "fold"]], on="name")
             per_fold = pd.DataFrame([score(g["prediction"].to_numpy(), g["percentage"].to_numpy())
                                      for _, g in merged.groupby("fold")])
+            row["n_folds"] = len(per_fold)
             for metric in ("MAE", "PC", "RMSE"):
                 row[f"fold_{metric}_mean"] = per_fold[metric].mean()
-                row[f"fold_{metric}_std"] = per_fold[metric].std(ddof=0)
-            row["n_folds"] = len(per_fold)
+                row[f"fold_{metric}_std"] = per_fold[metric].std(ddof=1)
+            row["fold_MAE_min"], row["fold_MAE_max"] = per_fold["MAE"].min(), per_fold["MAE"].max()
         rows.append(row)
     return pd.DataFrame(rows).sort_values("MAE", kind="stable").reset_index(drop=True)
 
@@ -112,11 +118,9 @@ def greedy_selection(per_model: pd.DataFrame, truth: pd.DataFrame, max_models: i
 
 def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence[str], stem: str = "ensemble") -> Path:
     """Save the ensemble's predictions (split, name, prediction) and the models it averaged."""
-    from utils.config import atomic_write_text
-
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
-    atomic_write_text(out_dir / f"{stem}.csv", combined.to_csv(index=False))
+    files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
+    files.write_text(out_dir / f"{stem}.csv", combined.to_csv(index=False))
     return out_dir / f"{stem}.csv"
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from utils import files
+
 SEVERITY_CLASSES = ("Normal", "Minimal", "Moderate", "Extent", "Severe", "Critical")
 FOLD_COLUMNS = ("name", "subject", "percentage", "severity", "fold")
 
@@ -96,20 +98,11 @@ def make_folds(labels: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.Data
 
 
 def write_folds(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a fold table as CSV (header, LF) atomically: a temporary file in the same folder, then os.replace."""
+    """Write a fold table as CSV (header, LF) atomically (utils.files)."""
     missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"fold table lacks columns {missing}; build it with make_folds")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    try:
-        frame.loc[:, list(FOLD_COLUMNS)].to_csv(temporary, index=False, lineterminator="\n")
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
+    return files.write_text(path, frame.loc[:, list(FOLD_COLUMNS)].to_csv(index=False, lineterminator="\n"))
 
 
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NUM_BINS = 101
-HEADS = ("reg", "exp", "ldl")
+from utils.config import HEADS, NUM_BINS, check_choice
+
 # eq 3: weight of the bins at offsets -2, -1, 0, +1, +2 from the label.
 LABEL_KERNEL = (0.05, 0.15, 0.6, 0.15, 0.05)
 
@@ -78,8 +78,7 @@ def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
     device (``float(part)`` to log) so the training step never waits for the GPU; ``check=False`` skips the
     NaN/range check of the targets, for callers that checked them on the host already (it syncs on a GPU).
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+    check_choice("head", head, HEADS)
     target = target.float().flatten()
     if check:
         check_targets(target)

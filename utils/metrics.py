@@ -7,16 +7,16 @@
 ``score`` works at slice level (what the challenge ranks); ``subject_scores`` scores each subject's mean over
 its slices. CLI::
 
-    python -m utils.metrics SUBMISSION.csv TRUTH.csv
+    python -m utils.metrics SUBMISSION.csv TRUTH.csv [--allow-extra]
     -> MAE 5.12345678 PC 0.936512345 RMSE 9.250000000
 
-CSV files have columns ``name, value[, subject]``, with or without a header row (a header is detected when the
-first row's second field is not a number), LF or CRLF line ends. Rows are matched by name; scored over the
-truth's rows.
+CSV files have columns ``name, value[, subject]``, with or without a header row, LF or CRLF line ends (read by
+utils.csvfiles). Rows are matched by name and scored over the truth's rows. Strict like the challenge: a value that
+is not a number in [0, 100], a duplicate name, a truth row without prediction or (without --allow-extra) a
+prediction for an image the truth lacks is refused, naming the row.
 """
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from pathlib import Path
@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
-class PredictionFileError(ValueError):
-    """A prediction/truth CSV that cannot be scored (missing rows, duplicates, non-numeric values ...)."""
+from utils.csvfiles import CsvError, is_number, read_name_value_rows
 
 
 def _as_pair(pred, true) -> tuple[np.ndarray, np.ndarray]:
@@ -76,71 +74,47 @@ def subject_scores(pred, true, subjects) -> dict[str, float]:
     return score(means["pred"].to_numpy(), means["true"].to_numpy())
 
 
-def is_number(text: str) -> bool:
-    """Whether a CSV field parses as a float (header detection of the challenge's CSVs)."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+# The scorer's file errors are the CSV reader's (one reader for labels and submissions).
+PredictionFileError = CsvError
 
 
-def read_prediction_csv(path: str | Path) -> pd.DataFrame:
+def read_prediction_csv(path: str | Path, value_name: str = "value") -> pd.DataFrame:
     """Read a ``name, value[, subject]`` CSV (header optional, CRLF ok) into DataFrame[name, value(, subject)].
 
-    Raises FileNotFoundError, or PredictionFileError naming the file and line for empty files, wrong field
-    counts, non-numeric or non-finite values and duplicate names.
+    Raises FileNotFoundError, or PredictionFileError naming the file and row for empty files, wrong field counts,
+    values that are not numbers in [0, 100] and duplicate names (utils.csvfiles).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prediction file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = [(line_number, row) for line_number, row in enumerate(csv.reader(handle), start=1)
-                if any(field.strip() for field in row)]
-    if rows and (len(rows[0][1]) < 2 or not is_number(rows[0][1][1])):
-        rows = rows[1:]  # header
-    if not rows:
-        raise PredictionFileError(f"{path}: no data rows")
-    num_fields = len(rows[0][1])
-    if num_fields not in (2, 3):
-        raise PredictionFileError(f"{path}, line {rows[0][0]}: expected 2 or 3 fields (name, value[, subject]), "
-                                  f"got {num_fields}")
-    names, values, subjects = [], [], []
-    for line_number, row in rows:
-        if len(row) != num_fields:
-            raise PredictionFileError(f"{path}, line {line_number}: expected {num_fields} fields, got {len(row)}")
-        name, value_text = row[0].strip(), row[1].strip()
-        try:
-            value = float(value_text)
-        except ValueError:
-            raise PredictionFileError(f"{path}, line {line_number}: value {value_text!r} of {name!r} "
-                                      "is not a number") from None
-        if not math.isfinite(value):
-            raise PredictionFileError(f"{path}, line {line_number}: value of {name!r} is {value_text}")
-        names.append(name)
-        values.append(value)
-        if num_fields == 3:
-            subjects.append(row[2].strip())
-    frame = pd.DataFrame({"name": names, "value": values})
-    if num_fields == 3:
-        frame["subject"] = pd.Series(subjects)
-        if all(is_number(s) and float(s).is_integer() for s in subjects):
-            frame["subject"] = [int(float(s)) for s in subjects]
-    duplicated = frame["name"][frame["name"].duplicated()].unique()
-    if len(duplicated):
-        raise PredictionFileError(f"{path}: {len(duplicated)} duplicate names, e.g. {list(duplicated[:5])}")
+    rows = read_name_value_rows(path, value_name=value_name,
+                                range_hint="a percentage lies in [0, 100] (the challenge rejects anything else)")
+    frame = pd.DataFrame({"name": rows.names, "value": rows.values})
+    if rows.subjects is not None:
+        integral = all(is_number(s) and float(s).is_integer() for s in rows.subjects)
+        frame["subject"] = [int(float(s)) for s in rows.subjects] if integral else rows.subjects
+    frame.attrs["rows"] = rows.lines  # the file's row of each line, for messages
     return frame
 
 
-def score_files(submission_path: str | Path, truth_path: str | Path) -> dict[str, float]:
-    """Slice-level metrics of a submission CSV against a truth CSV, over the truth's rows."""
-    submission = read_prediction_csv(submission_path).set_index("name")["value"]
-    truth = read_prediction_csv(truth_path).set_index("name")["value"]
-    missing = truth.index.difference(submission.index, sort=False)
-    if len(missing):
+def score_files(submission_path: str | Path, truth_path: str | Path, allow_extra: bool = False) -> dict[str, float]:
+    """Slice-level metrics of a submission CSV against a truth CSV. Every truth row needs its prediction; a
+    prediction for an image the truth does not have is an error too (the challenge rejects such a file) unless
+    `allow_extra`."""
+    submission = read_prediction_csv(submission_path, "prediction")
+    truth = read_prediction_csv(truth_path, "percentage")
+    predicted = dict(zip(submission["name"], submission["value"]))
+    missing = [(name, line) for name, line in zip(truth["name"], truth.attrs["rows"]) if name not in predicted]
+    if missing:
+        shown = ", ".join(f"{name} (truth row {line})" for name, line in missing[:5])
         raise PredictionFileError(f"{submission_path} lacks {len(missing)} of the {len(truth)} rows of "
-                                  f"{truth_path}, e.g. {list(missing[:5])}")
-    return score(submission.loc[truth.index].to_numpy(), truth.to_numpy())
+                                  f"{truth_path}, e.g. {shown}")
+    truth_names = set(truth["name"])
+    extra = [(name, line) for name, line in zip(submission["name"], submission.attrs["rows"])
+             if name not in truth_names]
+    if extra and not allow_extra:
+        shown = ", ".join(f"row {line}: {name}" for name, line in extra[:5])
+        raise PredictionFileError(f"{submission_path} has {len(extra)} row(s) for images not in {truth_path} "
+                                  f"({shown}); the challenge rejects such a file: remove them, or pass --allow-extra "
+                                  "to score the file anyway")
+    return score([predicted[name] for name in truth["name"]], truth["value"])
 
 
 def format_scores(scores: dict[str, float]) -> str:
@@ -149,12 +123,15 @@ def format_scores(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m utils.metrics SUBMISSION.csv TRUTH.csv", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.metrics", description="Score a submission: MAE, PC, RMSE.")
+    parser.add_argument("submission", help="name,prediction rows (no header needed)")
+    parser.add_argument("truth", help="name,percentage[,subject] rows, e.g. a Train.csv")
+    parser.add_argument("--allow-extra", action="store_true", help="ignore predictions for images the truth lacks")
+    args = parser.parse_args(argv)
     try:
-        scores = score_files(argv[0], argv[1])
+        scores = score_files(args.submission, args.truth, allow_extra=args.allow_extra)
     except (FileNotFoundError, PredictionFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

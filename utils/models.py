@@ -25,7 +25,6 @@ Pretrained weights come from timm (Hugging Face hub cache) or from a local file;
 """
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 
@@ -34,9 +33,7 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-HEADS = ("reg", "exp", "ldl")
-POOLINGS = ("avg", "hybrid", "avgmax", "catavgmax")
-NUM_BINS = 101  # integer percentages 0..100
+from utils.config import HEADS, NUM_BINS, POOLINGS, check_arch, check_choice  # noqa: F401 (HEADS etc. re-exported)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -60,10 +57,8 @@ def _make_pool(pooling: str) -> tuple[nn.Module, int]:
         return nn.AdaptiveAvgPool2d(1), 1  # flattened in forward
     if pooling == "hybrid":
         return HybridPool(), 1
-    if pooling in ("avgmax", "catavgmax"):
-        pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
-        return pool, pool.feat_mult()
-    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)  # avgmax | catavgmax (build_model checked it)
+    return pool, pool.feat_mult()
 
 
 class PercentageRegressor(nn.Module):
@@ -72,8 +67,6 @@ class PercentageRegressor(nn.Module):
     def __init__(self, backbone: nn.Module, arch: str, head: str, pooling: str, drop_rate: float,
                  num_bins: int) -> None:
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
         self.backbone = backbone
         self.arch = arch
         self.head_type = head
@@ -113,18 +106,6 @@ class PercentageRegressor(nn.Module):
             probs = logits.softmax(dim=1)
             expectation = probs @ self.bins  # E = sum_i i * p_i (eq 1's prediction)
             return {"reg": self.head_reg(probs).squeeze(1), "expectation": expectation, "logits": logits}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The inference output (B,): f2 for exp/ldl heads, the linear output for the reg head."""
-        return self.forward(x)["reg"]
-
-
-def _check_arch(arch: str) -> None:
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=8, cutoff=0.6)
-        hint = f"; close timm names: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown timm architecture {arch!r}{hint} (see timm.list_models())")
 
 
 def _create_backbone(arch: str, pretrained: bool, pretrained_file: str | os.PathLike | None,
@@ -172,15 +153,13 @@ def build_model(arch: str, head: str = "exp", pooling: str = "avg", in_chans: in
         num_bins: bins of the exp/ldl heads (integers 0..num_bins-1; 101 for percentages).
 
     Raises:
-        ValueError: unknown arch (lists close timm names), head or pooling.
+        utils.config.ConfigError (a ValueError): unknown arch (lists close timm names), head or pooling.
         FileNotFoundError: ``pretrained_file`` does not exist.
         PretrainedWeightsUnavailable: ``pretrained=True`` but the weights cannot be had (e.g. offline).
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-    _check_arch(arch)
+    check_choice("head", head, HEADS)
+    check_choice("pooling", pooling, POOLINGS)
+    check_arch(arch)
     backbone = _create_backbone(arch, pretrained, pretrained_file, in_chans)
     return PercentageRegressor(backbone, arch=arch, head=head, pooling=pooling, drop_rate=drop_rate,
                                num_bins=num_bins)

@@ -5,22 +5,24 @@ Pseudo-labels are the ensemble's unrounded mean, clipped to [0, 100] (a float la
 than the rounded submission value; utils.losses splits a float label between its two neighbouring bins).
 Pseudo-labelled slices join the training part of every fold and are never validated on, so the OOF scores of
 a retrained model stay comparable with its original.
+
+The retraining itself is planned by utils.pipeline like every training (02_train with use_pseudo_labels, model
+`<name>_pl`, utils.config.pseudo_label_name); 04_pseudo_label runs before it (writes the labels) and after it (shows
+Table 3, writes the final ensemble with each retrained model in place of its original).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import pandas as pd
 
-from utils import ensemble
-from utils.config import REPO_ROOT, RunPaths, atomic_write_text
-
-PSEUDO_SUFFIX = "_pl"
+from utils import ensemble, files
+from utils.config import PSEUDO_SUFFIX, RunPaths, pseudo_label_name
 
 
 def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Label every Val/Test slice with the ensemble (unrounded); writes pseudo/pseudo_labels.csv (name, split, percentage)."""
+    """Label every Val/Test slice with the ensemble (unrounded): pseudo/pseudo_labels.csv (name, split, percentage)."""
     paths = RunPaths(run_dir)
     models = list(models) if models else ensemble.read_ensemble_models(paths.ensemble)
     per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, models))
@@ -29,27 +31,14 @@ def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None
         return pd.DataFrame(columns=["name", "split", "percentage"])
     combined = ensemble.combine_models(unlabeled, models, rounding=False)
     labels = combined.rename(columns={"prediction": "percentage"})[["name", "split", "percentage"]]
-    atomic_write_text(paths.pseudo_labels_csv, labels.to_csv(index=False))
+    files.write_text(paths.pseudo_labels_csv, labels.to_csv(index=False))
     return labels
 
 
-def retrain(run_dir: str | Path, retrain_params: Sequence[dict[str, Any]], kernel_name: str = "python3") -> list[str]:
-    """Run notebooks/02_train.ipynb once per parameter dict (use_pseudo_labels=True); finished folds are reused."""
-    import papermill
-
-    paths = RunPaths(run_dir)
-    notebook = REPO_ROOT / "notebooks" / "02_train.ipynb"
-    declared = set(papermill.inspect_notebook(str(notebook)))
-    names = []
-    for params in retrain_params:
-        params = {k: v for k, v in {**params, "use_pseudo_labels": True}.items() if k in declared}
-        output = paths.notebooks / f"02_train__{params['model_name']}.ipynb"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        print(f"retraining {params['model_name']} with pseudo-labels -> {output}", flush=True)
-        papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=kernel_name,
-                                   cwd=str(notebook.parent), progress_bar=False, log_output=True)
-        names.append(params["model_name"])
-    return names
+def retrained_models(per_model: pd.DataFrame, ensemble_models: Sequence[str]) -> list[str]:
+    """The pseudo-label retrains (`<name>_pl`) of ensemble models that have out-of-fold predictions."""
+    trained = set(per_model["model"])
+    return [pseudo_label_name(m) for m in ensemble_models if pseudo_label_name(m) in trained]
 
 
 def comparison_table(run_dir: str | Path, per_model: pd.DataFrame, truth: pd.DataFrame,
@@ -64,7 +53,7 @@ def comparison_table(run_dir: str | Path, per_model: pd.DataFrame, truth: pd.Dat
         table = ensemble.oof_table(pair[pair["name"].isin(common)], truth)
         rows.append(table.assign(pseudo_labels=table["model"] == name, base_model=base))
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "MAE", "PC", "RMSE"])
-    atomic_write_text(RunPaths(run_dir).pseudo / "table3.csv", table.to_csv(index=False))
+    files.write_text(RunPaths(run_dir).pseudo / "table3.csv", table.to_csv(index=False))
     return table
 
 
@@ -74,5 +63,6 @@ def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequ
     models = ensemble.read_ensemble_models(paths.ensemble)
     swapped = {name.removesuffix(PSEUDO_SUFFIX): name for name in retrained}
     final = [swapped.get(m, m) for m in models]
-    ensemble.write_ensemble(ensemble.combine_models(per_model, final, rounding=True), paths.ensemble, final, stem="final")
+    combined = ensemble.combine_models(per_model, final, rounding=True)
+    ensemble.write_ensemble(combined, paths.ensemble, final, stem="final")
     return final

@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from PIL import Image
 
+from utils import data
 from utils.folds import SEVERITY_CLASSES, severity_class
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -49,14 +49,12 @@ def label_overview(labels: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def image_census(frame: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Count images by (size, mode, format) from their headers only (no decoding)."""
-    rows = []
-    for path in frame["path"]:
-        with Image.open(path) as image:
-            rows.append((f"{image.size[0]}x{image.size[1]}", image.mode, image.format))
-    census = pd.DataFrame(rows, columns=["size", "mode", "format"]).value_counts().rename("images").reset_index()
-    return census.assign(split=split)[["split", "size", "mode", "format", "images"]]
+def image_census(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Count each split's images by (size, mode, format) from their headers only (no decoding; utils.data's reader,
+    so an unreadable image gets the project's error naming it)."""
+    rows = [(split, *data.image_header(path)) for split, frame in splits.items() for path in frame["path"]]
+    columns = ["split", "size", "mode", "format"]
+    return pd.DataFrame(rows, columns=columns).value_counts(sort=False).rename("images").reset_index()
 
 
 def sample_grid(frame: pd.DataFrame, images: np.ndarray, per_class: int = 4, seed: int = 0) -> plt.Figure:
@@ -97,24 +95,27 @@ def fold_severity_mix(folds: pd.DataFrame) -> plt.Figure:
 def training_curves(history: pd.DataFrame) -> plt.Figure:
     """Training loss and held-out MAE per epoch, one line per fold."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for ax, column, title in zip(axes, ["train_loss", "valid_MAE", "lr"], ["train loss", "held-out fold MAE", "learning rate"]):
+    panels = [("train_loss", "train loss"), ("valid_MAE", "held-out fold MAE"), ("lr", "learning rate")]
+    style = "model" if history["model"].nunique() > 1 else None
+    for ax, (column, title) in zip(axes, panels):
         if column in history:
-            sns.lineplot(data=history, x="epoch", y=column, hue="fold", style="model" if history["model"].nunique() > 1 else None,
-                         marker="o", ax=ax, palette="tab10")
+            sns.lineplot(data=history, x="epoch", y=column, hue="fold", style=style, marker="o", ax=ax, palette="tab10")
         ax.set(title=title)
     fig.tight_layout()
     return fig
 
 
 def prediction_diagnostics(merged: pd.DataFrame) -> plt.Figure:
-    """Predicted vs true (with the identity line) and residuals by severity class; `merged` has prediction, percentage."""
+    """Predicted vs true (with the identity line) and residuals by severity class (`merged`: prediction, percentage)."""
     merged = with_severity(merged)
     merged["residual"] = merged["prediction"] - merged["percentage"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     sns.scatterplot(data=merged, x="percentage", y="prediction", hue="severity", s=14, alpha=0.6, ax=axes[0])
     axes[0].plot([0, 100], [0, 100], color="black", lw=1)
-    axes[0].set(xlim=(-2, 102), ylim=(-2, 102), title="out-of-fold: predicted vs true", xlabel="true %", ylabel="predicted %")
-    sns.boxplot(data=merged, x="severity", y="residual", order=[c for c in SEVERITY_CLASSES if c in set(merged["severity"])], ax=axes[1])
+    axes[0].set(xlim=(-2, 102), ylim=(-2, 102), title="out-of-fold: predicted vs true", xlabel="true %",
+                ylabel="predicted %")
+    present = [c for c in SEVERITY_CLASSES if c in set(merged["severity"])]
+    sns.boxplot(data=merged, x="severity", y="residual", order=present, ax=axes[1])
     axes[1].axhline(0, color="black", lw=1)
     axes[1].set(title="residual (predicted - true) by severity", xlabel="")
     axes[1].tick_params(axis="x", rotation=30)

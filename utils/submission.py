@@ -5,16 +5,13 @@ scored split, sorted by name; the upload is a zip holding `predictions.csv`.
 """
 from __future__ import annotations
 
-import os
-import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
 import pandas as pd
 
-from utils.config import atomic_write_text
+from utils import files
 
 ZIP_MEMBER = "predictions.csv"
 
@@ -60,21 +57,10 @@ def write_submission(predictions: pd.DataFrame, expected_names: Iterable[str], c
     """Validate, then write the CSV (and the zip holding it as predictions.csv) atomically; returns the rows written."""
     rows = validate_submission(predictions, expected_names)
     text = format_submission(rows)
-    atomic_write_text(csv_path, text)
+    files.write_text(csv_path, text)
     if zip_path is not None:
-        zip_path = Path(zip_path)
-        tmp = zip_path.with_name(f".{zip_path.name}.tmp-{os.getpid()}")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(ZIP_MEMBER, text)
-        os.replace(tmp, zip_path)
+        files.write_zip(zip_path, {ZIP_MEMBER: text})
     return rows
-
-
-def read_submission(path: str | Path) -> pd.DataFrame:
-    """Read back a submission CSV (no header) as name, prediction."""
-    frame = pd.read_csv(path, header=None, names=["name", "prediction"], dtype={"name": str})
-    frame["prediction"] = frame["prediction"].astype(np.float64)
-    return frame
 
 
 @dataclass

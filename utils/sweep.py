@@ -1,272 +1,147 @@
-"""Cross-validate many models at once: every (model, fold) of one or more profiles, in parallel processes.
+"""Cross-validate many models at once: every (model, fold) of one or more profiles, as Dask jobs.
 
-The pipeline (utils.pipeline) trains a profile's models one after another on the chosen folds and goes on to the
-ensemble and the submission. An ablation or a recipe search wants something else: every model on all K folds,
-the out-of-fold (OOF) scores, and nothing more, as fast as the machine allows. A small CNN at 96-128 px keeps a
-big GPU mostly idle, so `--jobs` processes train side by side (each runs the same `utils.train.train_fold`).
+The pipeline (utils.pipeline) trains a profile's models on the chosen folds and goes on to the ensemble and the
+submission. An ablation or a recipe search wants something else: every model on all K folds, the out-of-fold (OOF)
+scores, and nothing more, as fast as the machine allows. Each (model, fold) is a job of utils.jobs (the pipeline's
+runner): side by side on a multi-core CPU (`--jobs`), packed onto GPUs (`--jobs-per-gpu`), or on a cluster
+(`--scheduler`); each runs `utils.train.train_fold`.
 
-    python -m utils.sweep run --profile ablation_cpu --data ../shared/per-covid19/crops --folds 0 1 2 3 4 --jobs 1
+    python -m utils.sweep run --profile ablation_cpu --data ../shared/per-covid19/crops --folds 0 1 2 3 4
     python -m utils.sweep pack --data ../shared/per-covid19/crops --sizes 96 128 --out crops.npz
-    python -m utils.sweep run --profile ablation_cpu --images crops.npz --folds 0 1 2 3 4 --jobs 8   # elsewhere
+    python -m utils.sweep run --profile ablation_cpu --images crops.npz --jobs-per-gpu 12 -p device cuda  # elsewhere
+    python -m utils.sweep report runs/ablation_cpu [--plot cv.png]
 
-`pack` decodes the Train split once (utils.data.load_image, 1 channel: the slices are gray) into one compressed
-file, for a machine that lacks the raw slices (a rented GPU box); `run --images` reads it instead of `--data`.
+`pack` decodes the Train split once (utils.data.pack_images) for a machine that lacks the raw slices (a rented GPU
+box); `run --images` reads it instead of `--data`.
 
 Output, under runs/<name>/ (the pipeline's layout, so utils.ensemble reads it too): folds.csv (utils.folds, the
 same folds as notebook 01 for the same n_folds/fold_seed), models/<model>/fold<k>/ (config, history, kept
 checkpoints, predictions.csv) and cv_summary.csv: one row per (model, fold) with the OOF MAE/PC/RMSE of the
 checkpoint-averaged prediction, the training speed and seconds. A rerun reuses the finished (model, fold) pairs
-(after checking that their recipe is unchanged) and resumes a killed one after its last finished epoch.
-`report` prints the per-model table: OOF scores pooled over folds and the mean +- sd over folds (`--plot` saves
-the README's figure).
+(after checking that their recipe is unchanged) and resumes a killed one after its last finished epoch; a failing
+job does not stop the others. `report` prints the per-model table (utils.ensemble.oof_table: OOF scores pooled over
+folds, the mean +- sd over folds; `--plot` saves the README's figure).
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import time
+import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from utils.config import RunPaths, TrainConfig, atomic_write_text, load_profile
+from utils import files, jobs
+from utils.config import DEFAULT_CACHE_DIR, REPO_ROOT, RunPaths, TrainConfig, check_run_settings, load_profile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
 SUMMARY_COLUMNS = ["model", "fold", "MAE", "PC", "RMSE", "n", "train_images_per_s", "seconds"]
 
 
-# ----------------------------------------------------------------------------------------------- the data
-
-
-def pack_images(data_dir: str | Path, sizes: Sequence[int], out: str | Path) -> Path:
-    """Decode the labelled Train split at each size (1 channel) into one compressed .npz, written atomically."""
-    from utils import data
-
-    frame = data.load_split(data_dir, "Train", require_labels=True)
-    arrays: dict[str, Any] = {"name": frame["name"].to_numpy(dtype=str),  # unicode, not object: no pickle
-                              "percentage": frame["percentage"].to_numpy(np.float64),
-                              "subject": frame["subject"].to_numpy(np.int64)}
-    for size in sizes:
-        arrays[f"images_{size}"] = np.stack([data.load_image(p, size, 1)[:, :, 0] for p in frame["path"]])
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.stem}.tmp-{os.getpid()}.npz")  # np.savez appends .npz otherwise
-    try:
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _packed_labels(packed: Any) -> pd.DataFrame:
-    return pd.DataFrame({"name": packed["name"], "percentage": packed["percentage"], "subject": packed["subject"]})
+def plan_models(profiles: Sequence[str], overrides: dict[str, Any], folds: Sequence[int],
+                n_folds: int = 5) -> list[TrainConfig]:
+    """Every model of the profiles, in profile order, each to train `folds` of `n_folds`; settings checked as the
+    pipeline does (params < model entry < overrides)."""
+    configs, seen = [], set()
+    for name in profiles:
+        profile = load_profile(name)
+        for cfg in check_run_settings(profile, {**overrides, "folds": list(folds), "n_folds": n_folds})["train"]:
+            if cfg.model_name in seen:
+                raise ValueError(f"model_name {cfg.model_name!r} appears in two profiles: rename one")
+            seen.add(cfg.model_name)
+            configs.append(cfg)
+    return configs
 
 
 def _labels(images: str | None, data_dir: str | None) -> pd.DataFrame:
-    if images:
-        with np.load(images) as packed:
-            return _packed_labels(packed)
     from utils import data
 
-    return data.load_split(data_dir, "Train", require_labels=True)
+    return data.packed_labels(images) if images else data.load_split(data_dir, "Train", require_labels=True)
 
 
-_SPLIT_CACHE: dict[tuple, Any] = {}
+def _summary_row(paths: RunPaths, model_name: str, fold: int, truth: pd.DataFrame) -> dict[str, Any] | None:
+    """The checkpoint-averaged OOF score of one finished (model, fold), its speed and time; None if unfinished."""
+    from utils import ensemble
+
+    fold_dir = paths.fold(model_name, fold)
+    if not (fold_dir / "predictions.csv").is_file():
+        return None
+    per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(paths.root, [model_name])
+                                                       .query("fold == @fold"))
+    row = ensemble.oof_table(per_model, truth).iloc[0]
+    history = pd.read_csv(fold_dir / "history.csv")
+    return {"model": model_name, "fold": fold, "MAE": row["MAE"], "PC": row["PC"], "RMSE": row["RMSE"],
+            "n": row["n_slices"], "train_images_per_s": float(history["train_images_per_s"].mean()),
+            "seconds": float(history["seconds"].sum())}
 
 
-def _train_split(cfg: TrainConfig, folds_csv: Path, images: str | None, data_dir: str | None, cache_dir: str):
-    """The Train split with its folds at cfg.img_size / cfg.in_chans (one copy per process, source and size)."""
-    from utils import train
-    from utils.folds import read_folds
-
-    key = (images, data_dir, str(folds_csv), cfg.img_size, cfg.in_chans)
-    if key not in _SPLIT_CACHE:
-        folds = read_folds(folds_csv)[["name", "fold"]]
-        if images:
-            with np.load(images) as packed:
-                stored = f"images_{cfg.img_size}"
-                if stored not in packed.files:
-                    sizes = sorted(int(k.split("_")[1]) for k in packed.files if k.startswith("images_"))
-                    raise ValueError(f"{images} has no {cfg.img_size} px images (it holds {sizes}): "
-                                     f"pack it again with --sizes {cfg.img_size}")
-                frame = _packed_labels(packed)
-                pixels = np.repeat(packed[stored][:, :, :, None], cfg.in_chans, axis=3)
-            frame = frame.merge(folds, on="name", how="left", validate="one_to_one")
-            _SPLIT_CACHE[key] = train.SplitImages(frame, pixels)
-        else:  # the Train split only: a sweep never predicts Val/Test, so it does not decode them
-            from utils import data
-
-            frame = data.load_split(data_dir, "Train", require_labels=True).merge(folds, on="name", how="left",
-                                                                                  validate="one_to_one")
-            decoded = data.cached_images(frame, cache_dir, cfg.img_size, cfg.in_chans, split="Train")
-            _SPLIT_CACHE[key] = train.SplitImages(frame, decoded)
-    return _SPLIT_CACHE[key]
-
-
-# ----------------------------------------------------------------------------------------------- the jobs
-
-
-def _oof_row(model_name: str, fold: int, predictions: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
-    """Score the checkpoint-averaged OOF prediction of one (model, fold)."""
-    from utils.ensemble import OOF, average_checkpoints_and_folds
-    from utils.metrics import score
-
-    per_name = average_checkpoints_and_folds(predictions.assign(model=model_name, fold=fold))
-    merged = per_name[per_name["split"] == OOF].merge(truth[["name", "percentage"]], on="name", validate="one_to_one")
-    return {"model": model_name, "fold": fold, **score(merged["prediction"], merged["percentage"]), "n": len(merged)}
-
-
-def _run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One (model, fold): train (or reuse) it, return its summary row. Runs in a worker process."""
-    import torch
-
-    from utils import train
-
-    torch.set_num_threads(job["threads"])
-    cfg = TrainConfig.from_namespace(job["params"])
-    split = _train_split(cfg, Path(job["folds_csv"]), job["images"], job["data_dir"], job["cache_dir"])
-    paths = RunPaths(job["run_dir"])
-    started = time.perf_counter()
-    predictions = train.train_fold(cfg, job["fold"], split, paths.fold(cfg.model_name, job["fold"]), progress=False,
-                                   log=lambda line: print(line, flush=True))
-    history = pd.read_csv(paths.fold(cfg.model_name, job["fold"]) / "history.csv")
-    row = _oof_row(cfg.model_name, job["fold"], predictions, split.frame)
-    row.update(train_images_per_s=float(history["train_images_per_s"].mean()),
-               seconds=float(history["seconds"].sum()) if len(history) else time.perf_counter() - started)
-    return row
-
-
-def plan_jobs(profiles: Sequence[str], overrides: dict[str, Any], folds: Sequence[int]) -> list[dict[str, Any]]:
-    """Every (model, fold) of the profiles, model-major in profile order (the order they start in)."""
-    jobs, seen = [], set()
-    for name in profiles:
-        profile = load_profile(name)
-        for model in profile["models"]:
-            params = {**profile["params"], **model, **overrides}
-            TrainConfig.from_namespace(params)  # a wrong field fails here, before any process starts
-            if model["model_name"] in seen:
-                raise ValueError(f"model_name {model['model_name']!r} appears in two profiles: rename one")
-            seen.add(model["model_name"])
-            jobs += [{"params": {**params, "folds": [fold]}, "fold": fold} for fold in folds]
-    return jobs
-
-
-def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int], data_dir: str | None = None,
-              images: str | None = None, overrides: dict[str, Any] | None = None, n_folds: int = 5,
-              fold_seed: int = 0, jobs: int = 1, threads: int | None = None, time_limit: float | None = None,
-              cache_dir: str | Path = REPO_ROOT / "data" / "cache") -> pd.DataFrame:
-    """Train every (model, fold) of `profiles` and return the summary (also in run_dir/cv_summary.csv).
-
-    `jobs` processes train side by side, each with `threads` torch threads (default: cores // jobs). No new job
-    starts once `time_limit` seconds have passed (those running finish); a rerun carries on.
-    """
+def _check_folds(paths: RunPaths, labels: pd.DataFrame, n_folds: int, fold_seed: int) -> None:
     from utils.folds import make_folds, read_folds, write_folds
 
-    if (data_dir is None) == (images is None):
-        raise ValueError("give exactly one of data_dir (an official-layout folder) or images (a packed .npz)")
-    paths = RunPaths(run_dir)
-    folds_table = make_folds(_labels(images, data_dir), n_folds=n_folds, seed=fold_seed)
+    folds_table = make_folds(labels, n_folds=n_folds, seed=fold_seed)
     if paths.folds_csv.is_file():
         made = read_folds(paths.folds_csv)
-        if made["name"].tolist() != folds_table["name"].tolist() or made["fold"].tolist() != folds_table["fold"].tolist():
+        if not made[["name", "fold"]].equals(folds_table[["name", "fold"]]):
             raise ValueError(f"{paths.folds_csv} holds other folds than n_folds={n_folds}, fold_seed={fold_seed} give "
                              "for this data: use another run name (--name) or the run's own n_folds/fold_seed")
     else:
         write_folds(folds_table, paths.folds_csv)
-    planned = plan_jobs(profiles, overrides or {}, folds)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    shared = {"folds_csv": str(paths.folds_csv), "images": images, "data_dir": data_dir, "cache_dir": str(cache_dir),
-              "run_dir": str(paths.root), "threads": threads}
-    summary_csv = paths.root / "cv_summary.csv"
-    # Finished folds are not skipped here but by train_fold, which first checks that their recipe and held-out
-    # slices are still this sweep's (a stale row would otherwise survive an edited profile); it reuses them cheaply.
-    previous = pd.read_csv(summary_csv).to_dict("records") if summary_csv.is_file() else []
-    rows = {(r["model"], int(r["fold"])): r for r in previous}
-    todo = [{**job, **shared} for job in planned]
-    started = time.monotonic()
 
-    def record(row: dict[str, Any]) -> None:
-        rows[(row["model"], int(row["fold"]))] = row
-        table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS).sort_values(["model", "fold"])
-        atomic_write_text(summary_csv, table.to_csv(index=False))
-        print(f"[sweep] {row['model']} fold {row['fold']}: MAE {row['MAE']:.3f} PC {row['PC']:.3f} "
-              f"RMSE {row['RMSE']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
-    def within_time() -> bool:
-        return time_limit is None or time.monotonic() - started < time_limit
+def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int], data_dir: str | None = None,
+              images: str | None = None, overrides: dict[str, Any] | None = None, n_folds: int = 5,
+              fold_seed: int = 0, runner: jobs.Runner | None = None, time_limit: float | None = None,
+              cache_dir: str | Path = DEFAULT_CACHE_DIR) -> pd.DataFrame:
+    """Train every (model, fold) of `profiles` and return the summary (also in run_dir/cv_summary.csv).
 
-    failures: list[str] = []
-
-    def collect(job: dict[str, Any], get_row) -> None:
+    No job starts once `time_limit` seconds have passed (those running finish); a rerun carries on. Failed jobs are
+    reported together at the end (jobs.JobFailed), after the summary of the others is written."""
+    if (data_dir is None) == (images is None):
+        raise ValueError("give exactly one of data_dir (an official-layout folder) or images (a packed .npz)")
+    paths = RunPaths(run_dir)
+    configs = plan_models(profiles, overrides or {}, folds, n_folds)
+    with files.RunLock(paths.root):
+        files.remove_debris(paths.root, cache_dir)
+        labels = _labels(images, data_dir)
+        _check_folds(paths, labels, n_folds, fold_seed)
+        failure = None
         try:
-            record(get_row())
-        except Exception as error:  # one broken model must not cost the others' results: report all at the end
-            failures.append(f"{job['params']['model_name']} fold {job['fold']}: {type(error).__name__}: {error}")
-            print(f"[sweep] FAILED {failures[-1]}", flush=True)
-
-    if jobs <= 1:
-        for job in todo:
-            if not within_time():
-                break
-            collect(job, lambda: _run_job(job))
-    else:
-        # spawn: CUDA cannot be used in forked children; maxtasksperchild=None keeps each worker's decoded data.
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            pending = []
-            queue = list(todo)
-            while queue or pending:
-                while queue and len(pending) < jobs and within_time():
-                    job = queue.pop(0)
-                    pending.append((job, pool.apply_async(_run_job, (job,))))
-                if not within_time():
-                    queue.clear()
-                for job, result in [p for p in pending if p[1].ready()]:
-                    pending.remove((job, result))
-                    collect(job, result.get)
-                time.sleep(0.5)
-    if failures:
-        raise RuntimeError(f"{len(failures)} (model, fold) job(s) failed (the others are in {summary_csv}):\n  "
-                           + "\n  ".join(failures))
-    planned_keys = {(job["params"]["model_name"], job["fold"]) for job in planned}
-    return pd.DataFrame([row for key, row in rows.items() if key in planned_keys], columns=SUMMARY_COLUMNS)
-
-
-# ----------------------------------------------------------------------------------------------- the table
+            jobs.run_training(configs, paths.root, data_dir, cache_dir, runner, packed=images, predict=False,
+                              time_limit=time_limit, keep_going=True)
+        except jobs.JobFailed as error:
+            failure = error
+        summary_csv = paths.root / "cv_summary.csv"
+        rows = {(r["model"], int(r["fold"])): r for r in (pd.read_csv(summary_csv).to_dict("records")
+                                                           if summary_csv.is_file() else [])}
+        planned = [(cfg.model_name, fold) for cfg in configs for fold in folds]
+        for model_name, fold in planned:
+            row = _summary_row(paths, model_name, fold, labels)
+            if row is not None:
+                rows[(model_name, fold)] = row
+        table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS).sort_values(["model", "fold"])
+        files.write_text(summary_csv, table.to_csv(index=False))
+    if failure is not None:
+        raise failure
+    return table[[(m, f) in set(planned) for m, f in zip(table["model"], table["fold"])]].reset_index(drop=True)
 
 
 def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
-    """Per model: OOF MAE/PC/RMSE pooled over its folds (checkpoint-averaged predictions), and the fold MAE's mean,
-    sample sd (ddof=1: over 5 folds; utils.ensemble.oof_table gives the population sd of its 2-fold runs) and range.
-    `complete_only` keeps models with every fold of the run's folds.csv."""
-    from utils.ensemble import OOF, average_checkpoints_and_folds, load_predictions
+    """Per model: OOF MAE/PC/RMSE pooled over its folds and the fold MAE's mean, sample sd and range
+    (utils.ensemble.oof_table); `complete_only` keeps models with every fold of the run's folds.csv."""
+    from utils.ensemble import average_checkpoints_and_folds, load_predictions, oof_table
     from utils.folds import read_folds
-    from utils.metrics import score
 
     truth = read_folds(RunPaths(run_dir).folds_csv)
-    n_folds = truth["fold"].nunique()
-    per_model = average_checkpoints_and_folds(load_predictions(run_dir))  # OOF: each slice has its one fold
-    oof = per_model[per_model["split"] == OOF].merge(truth[["name", "percentage", "fold"]], on="name")
-    rows = []
-    for model_name, group in oof.groupby("model", sort=False):
-        per_fold = [score(g["prediction"], g["percentage"])["MAE"] for _, g in group.groupby("fold")]
-        if complete_only and len(per_fold) < n_folds:
-            continue
-        rows.append({"model": model_name, "folds": len(per_fold), **score(group["prediction"], group["percentage"]),
-                     "fold_MAE_mean": np.mean(per_fold), "fold_MAE_std": np.std(per_fold, ddof=1) if len(per_fold) > 1
-                     else float("nan"), "fold_MAE_min": np.min(per_fold), "fold_MAE_max": np.max(per_fold)})
-    columns = ["model", "folds", "MAE", "PC", "RMSE", "fold_MAE_mean", "fold_MAE_std", "fold_MAE_min", "fold_MAE_max"]
-    return pd.DataFrame(rows, columns=columns).sort_values("MAE").reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
+    table = oof_table(average_checkpoints_and_folds(load_predictions(run_dir)), truth, folds=truth)
+    if complete_only:
+        table = table[table["n_folds"] == truth["fold"].nunique()]
+    return table.reset_index(drop=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from utils.data import pack_images
     from utils.pipeline import parse_overrides
 
     parser = argparse.ArgumentParser(prog="python -m utils.sweep", description=__doc__.split("\n\n")[0])
@@ -284,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     run.add_argument("--n-folds", type=int, default=5)
     run.add_argument("--fold-seed", type=int, default=0)
-    run.add_argument("--jobs", type=int, default=1, help="processes training side by side")
-    run.add_argument("--threads", type=int, help="torch threads per process (default: cores // jobs)")
+    run.add_argument("--jobs", type=int, default=None, help="jobs side by side on a CPU-only machine (default 1)")
+    run.add_argument("--jobs-per-gpu", type=int, default=2, help="jobs sharing each GPU")
+    run.add_argument("--threads", type=int, help="torch threads per job (default: cores // jobs)")
+    run.add_argument("--scheduler", help="address of a running Dask scheduler (default: a local cluster)")
     run.add_argument("--time-limit", type=float, help="seconds after which no new (model, fold) starts")
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override a TrainConfig field for every model, e.g. -p device cuda")
@@ -300,9 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "run":
         name = args.name or Path(load_profile(args.profile[0])["path"]).stem
         run_dir = REPO_ROOT / "runs" / name
+        runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
+                             threads=args.threads)
         run_sweep(args.profile, run_dir, args.folds, data_dir=args.data, images=args.images,
                   overrides=parse_overrides(args.param), n_folds=args.n_folds, fold_seed=args.fold_seed,
-                  jobs=args.jobs, threads=args.threads, time_limit=args.time_limit)
+                  runner=runner, time_limit=args.time_limit)
         print(cv_table(run_dir, complete_only=False).to_string(index=False, float_format="%.3f"))
     else:
         table = cv_table(args.run_dir, complete_only=not args.all)

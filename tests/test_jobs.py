@@ -1,0 +1,82 @@
+"""utils.jobs: every (model, fold) a Dask job — same results side by side as one at a time, a failing job named,
+finished folds kept, an external scheduler, progress lines."""
+import logging
+
+import pandas as pd
+import pytest
+from distributed import LocalCluster
+
+from utils import jobs, phantoms
+from utils.config import RunPaths, TrainConfig
+from utils.data import load_split
+from utils.folds import make_folds, write_folds
+
+TINY = dict(arch="resnet10t", head="reg", pooling="avg", img_size=32, epochs=2, warmup_epochs=0, batch_size=8,
+            optimizer="adamw", lr=1e-3, sam="none", save_last_k=1, max_steps_per_epoch=3, device="cpu",
+            folds=[0, 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jobs_data")
+    phantoms.generate_phantoms(folder / "phantoms", subjects=8, size=48, seed=11)
+    return folder / "phantoms"
+
+
+def new_run(folder, data_dir):
+    write_folds(make_folds(load_split(data_dir, "Train", require_labels=True), n_folds=3, seed=0),
+                RunPaths(folder).folds_csv)
+    return folder
+
+
+def predictions(run_dir, model):
+    return {fold: (RunPaths(run_dir).fold(model, fold) / "predictions.csv").read_bytes() for fold in (0, 1)}
+
+
+def test_two_jobs_side_by_side_equal_one_at_a_time(tiny_data, tmp_path, caplog):
+    cfg = TrainConfig(model_name="m", **TINY)
+    serial, parallel = new_run(tmp_path / "serial", tiny_data), new_run(tmp_path / "parallel", tiny_data)
+    assert jobs.run_training([cfg], serial, tiny_data, tmp_path / "cache", jobs.Runner(jobs=1, threads=1)) == \
+        ["m fold 0", "m fold 1"]
+    with caplog.at_level(logging.INFO, logger="utils"):
+        done = jobs.run_training([cfg], parallel, tiny_data, tmp_path / "cache", jobs.Runner(jobs=2, threads=1))
+    assert sorted(done) == ["m fold 0", "m fold 1"]
+    assert predictions(serial, "m") == predictions(parallel, "m")  # same bytes: Val/Test and held-out slices
+    # progress: one line per job per epoch, forwarded from the workers, and the count of finished jobs
+    for fold in (0, 1):
+        assert f"[m fold {fold}] epoch 2/2" in caplog.text and "valid MAE" in caplog.text
+    assert "[train] 2/2 jobs finished" in caplog.text
+
+
+def test_a_failing_job_stops_the_stage_naming_it_and_finished_folds_stay(tiny_data, tmp_path):
+    run_dir = new_run(tmp_path / "run", tiny_data)
+    good = TrainConfig(model_name="good", **TINY)
+    jobs.run_training([good], run_dir, tiny_data, tmp_path / "cache", jobs.Runner(jobs=1))
+    kept = predictions(run_dir, "good")
+    not_weights = tmp_path / "not_weights.pth"
+    not_weights.write_text("not a checkpoint")
+    bad = TrainConfig(model_name="bad", pretrained_file=str(not_weights), **TINY)
+    with pytest.raises(jobs.JobFailed, match=r"bad fold \d: RuntimeError: could not load weights"):
+        jobs.run_training([good, bad], run_dir, tiny_data, tmp_path / "cache", jobs.Runner(jobs=2, threads=1))
+    assert predictions(run_dir, "good") == kept  # the finished folds are reused, not lost
+
+
+def test_jobs_run_on_an_external_scheduler(tiny_data, tmp_path, monkeypatch):
+    cfg = TrainConfig(model_name="m", **{**TINY, "folds": [0]})
+    run_dir = new_run(tmp_path / "run", tiny_data)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.setenv(jobs.SCHEDULER_ENV, cluster.scheduler_address)  # the environment variable route
+        runner = jobs.Runner()
+        assert runner.scheduler == cluster.scheduler_address
+        assert jobs.run_training([cfg], run_dir, tiny_data, tmp_path / "cache", runner) == ["m fold 0"]
+    frame = pd.read_csv(RunPaths(run_dir).fold("m", 0) / "predictions.csv")
+    assert set(frame["split"]) == {"oof", "Val", "Test"}
+
+
+def test_slots_pin_each_job_process_to_its_gpu():
+    assert jobs.Runner(jobs_per_gpu=3, gpus=2).slots(use_gpu=True) == \
+        [{"CUDA_VISIBLE_DEVICES": "0"}] * 3 + [{"CUDA_VISIBLE_DEVICES": "1"}] * 3
+    assert jobs.Runner(gpus=0).slots(use_gpu=True) == [{}]  # no GPU: one job at a time by default
+    assert jobs.Runner(jobs=3, gpus=2).slots(use_gpu=False) == [{}, {}, {}]
+    with pytest.raises(ValueError, match="at least 1"):
+        jobs.Runner(jobs_per_gpu=0)

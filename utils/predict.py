@@ -1,0 +1,299 @@
+"""Predict new slices with a trained run or its export: the challenge's Test phase, and a user's own scans.
+
+    python -m utils.predict RUN_OR_EXPORT IMAGES... --out preds.csv [--no-round] [--batch-size N] [--device D]
+                                                                     [--workers N]
+    python -m utils.predict export RUN [--out DIR] [--average-checkpoints]
+
+Prediction is the run's final ensemble exactly as 03-05 combine it (utils.ensemble's functions, in the same order):
+every kept checkpoint predicts every image (with its model's h-flip TTA), the mean over a fold's checkpoints, the
+mean over folds, the mean over models, clipped to [0, 100] and rounded half up (`--no-round`: the unrounded mean).
+The models are the final ensemble of the run (`ensemble/final_models.txt`, with the pseudo-label retrains, else
+`ensemble/ensemble_models.txt`). Images: files or folders (searched recursively) of PNG/JPEG slices of any size and
+mode, decoded by utils.data's reader at each model's size. Output: `name,prediction` rows sorted by name, no header,
+numbers written as in the submission (the challenge's format); when two images share a name, a third column holds
+each one's path. Written atomically once everything is predicted: a failure leaves no output.
+
+The export (`runs/<name>/export/`, written by 05_submit) holds what prediction needs and nothing else: every model's
+config and kept checkpoints (hard links to the run's files where the file system allows, else copies), and
+`manifest.json` with the ensemble's recipe, each model's preprocessing and the size and SHA-256 of every file. It
+loads with `torch.load(weights_only=True)` on another machine, without the data or the run folder; every file is
+verified against the manifest first. `--average-checkpoints` stores one weight set per fold instead (the mean of its
+kept checkpoints' weights, BatchNorm statistics included): k times smaller, not the same predictions (the README
+gives the measured OOF difference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from utils import data, ensemble, files, submission, train
+from utils.config import RunPaths, TrainConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+MANIFEST = "manifest.json"
+SPLIT = "predict"  # the split name of new images in the ensemble's tables
+
+
+class PredictError(ValueError):
+    """Nothing to predict with, or nothing to predict; the message names the file and the fix."""
+
+
+@dataclass
+class EnsembleModel:
+    """One model of the ensemble: its recipe and, per fold, the weight files whose predictions are averaged."""
+
+    config: TrainConfig
+    weights: dict[int, list[Path]]
+
+    @property
+    def name(self) -> str:
+        return self.config.model_name
+
+
+# ----------------------------------------------------------------------------------------------- loading an ensemble
+
+
+def _run_models(run_dir: Path) -> list[str]:
+    ensemble_dir = RunPaths(run_dir).ensemble
+    for stem in ("final", "ensemble"):
+        if (ensemble_dir / f"{stem}_models.txt").is_file():
+            return ensemble.read_ensemble_models(ensemble_dir, stem)
+    raise PredictError(f"no finished ensemble in {run_dir} ({ensemble_dir}/ensemble_models.txt is missing): run the "
+                       "pipeline through 03_ensemble first (./run_all.sh --name <run> ...)")
+
+
+def _from_run(run_dir: Path) -> list[EnsembleModel]:
+    """The run's final ensemble; every finished fold's files are verified against their integrity records."""
+    paths, models = RunPaths(run_dir), []
+    for name in _run_models(run_dir):
+        weights, config = {}, None
+        for model_name, fold, predictions_csv in paths.fold_files("predictions.csv"):
+            if model_name == name:
+                fold_dir = predictions_csv.parent
+                files.verify_folder(fold_dir, f"rerun that fold (delete {fold_dir}) or the run with --force")
+                config = TrainConfig.load_yaml(fold_dir / "config.yaml")
+                weights[fold] = [train.checkpoint_path(fold_dir, epoch) for epoch in train.kept_epochs(config)]
+        if config is None:
+            raise PredictError(f"model {name} of the ensemble of {run_dir} has no finished fold: rerun the pipeline")
+        models.append(EnsembleModel(config, weights))
+    return models
+
+
+def _from_export(export_dir: Path) -> list[EnsembleModel]:
+    manifest_path = export_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise PredictError(f"{manifest_path} is unreadable ({error}): export the run again "
+                           "(python -m utils.predict export RUN)") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise PredictError(f"{manifest_path}: export format {manifest.get('format')!r}, this version reads "
+                           f"{EXPORT_FORMAT}: export the run again with this version")
+    way_out = f"copy the export again, or export the run again (python -m utils.predict export {manifest['run']})"
+    for relative, entry in manifest["files"].items():
+        files.check_entry(export_dir / relative, entry, way_out)
+    return [EnsembleModel(TrainConfig.load_yaml(export_dir / model["config"]),
+                          {int(fold): [export_dir / f for f in names] for fold, names in model["folds"].items()})
+            for model in manifest["models"]]
+
+
+def load_ensemble(run_or_export: str | os.PathLike) -> list[EnsembleModel]:
+    """The ensemble of a run folder (runs/<name>/) or of an export folder (with manifest.json)."""
+    path = Path(run_or_export)
+    if (path / MANIFEST).is_file():
+        return _from_export(path)
+    if (path / "models").is_dir():
+        return _from_run(path)
+    raise PredictError(f"{path} is neither a run folder (runs/<name>/ with models/ and ensemble/) nor an export "
+                       f"(a folder with {MANIFEST}, made by 05_submit or `python -m utils.predict export RUN`)")
+
+
+# ----------------------------------------------------------------------------------------------- predicting
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """name, path of every image among `inputs` (files, or folders searched recursively), sorted by name then path."""
+    rows = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if data.is_image_file(p))
+            if not found:
+                raise PredictError(f"{item}: no .png/.jpg/.jpeg images in it or below it; point at the slices")
+            rows += [(p.name, str(p.absolute())) for p in found]
+        elif item.is_file():
+            rows.append((item.name, str(item.absolute())))
+        else:
+            raise PredictError(f"{item}: no such file or folder")
+    frame = pd.DataFrame(rows, columns=["name", "path"]).drop_duplicates("path")
+    return frame.sort_values(["name", "path"], kind="stable").reset_index(drop=True)
+
+
+def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, device: str = "auto",
+                           batch_size: int | None = None, workers: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Every weight file's prediction of every image (columns model, fold, split, name, epoch, prediction), in the
+    row order of a run's predictions files, so that utils.ensemble averages them in the same order as 03-05."""
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="percovid_predict_") as decoded_dir:
+        decoded: dict[tuple[int, int], np.ndarray] = {}
+        for model in models:
+            cfg = TrainConfig(**{**model.config.to_dict(), "device": device, "num_workers": workers})
+            key = (cfg.img_size, cfg.in_chans)
+            if key not in decoded:
+                decoded[key] = data.cached_images(frame, decoded_dir, cfg.img_size, cfg.in_chans, split=SPLIT,
+                                                  num_workers=workers, progress=progress)
+            torch_device = train.resolve_device(cfg)
+            net = train.build_model_for(cfg, torch_device, for_checkpoint=True)
+            for fold in sorted(model.weights):
+                for epoch, path in enumerate(model.weights[fold]):
+                    net.load_state_dict(files.load_torch(path, "export or rerun it again", map_location=torch_device))
+                    values = train.predict(net, decoded[key], cfg, torch_device, batch_size=batch_size,
+                                           progress=progress)
+                    frames.append(pd.DataFrame({"model": model.name, "fold": fold, "split": SPLIT,
+                                                "name": frame["key"], "epoch": epoch, "prediction": values}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def predict_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.PathLike], rounding: bool = True,
+                   device: str = "auto", batch_size: int | None = None, workers: int = 0,
+                   progress: bool = True) -> pd.DataFrame:
+    """name, path, prediction of every image of `inputs` by the ensemble of a run or export (module docstring)."""
+    models = load_ensemble(run_or_export)
+    frame = find_images(inputs)
+    frame["key"] = frame["path"] if frame["name"].duplicated(keep=False).any() else frame["name"]
+    predictions = checkpoint_predictions(models, frame, device, batch_size, workers, progress)
+    per_model = ensemble.average_checkpoints_and_folds(predictions)
+    combined = ensemble.combine_models(per_model, [m.name for m in models], rounding=rounding)
+    out = frame.merge(combined[["name", "prediction"]].rename(columns={"name": "key"}), on="key", validate="1:1")
+    return out[["name", "path", "prediction"]]
+
+
+def format_predictions(rows: pd.DataFrame) -> str:
+    """The submission format (`name,prediction`, no header); a path column when names clash."""
+    if not rows["name"].duplicated().any():
+        return submission.format_submission(rows)
+    return "".join(f"{name},{float(value):.10g},{path}\n"
+                   for name, value, path in zip(rows["name"], rows["prediction"], rows["path"]))
+
+
+# ----------------------------------------------------------------------------------------------- the export
+
+
+def _average_weights(paths: list[Path], way_out: str) -> dict[str, Any]:
+    """The mean of state dicts (floating tensors; integer buffers such as num_batches_tracked: the last one's)."""
+    states = [files.load_torch(p, way_out) for p in paths]
+    averaged = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            averaged[key] = sum(s[key].double() for s in states).div(len(states)).to(last.dtype)
+        else:
+            averaged[key] = last
+    return averaged
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # the run's files are replaced by rename, never rewritten: a link stays valid
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+               average_checkpoints: bool = False) -> dict[str, Any]:
+    """Write the run's export folder (module docstring); returns its manifest."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else RunPaths(run_dir).export
+    models = _from_run(run_dir)
+    manifest: dict[str, Any] = {
+        "format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "ensemble": {"models": [m.name for m in models],
+                     "combine": "mean over each fold's weight files, then over folds, then over models; clip to "
+                                "[0, 100]; round half up",
+                     "checkpoints_averaged": average_checkpoints},
+        "models": [], "files": {}}
+    with files.atomic_path(out) as temporary:
+        for model in models:
+            folder = Path("models") / model.name
+            model.config.save_yaml(temporary / folder / "config.yaml")
+            entry = {"name": model.name, "config": str(folder / "config.yaml"), "folds": {},
+                     "preprocessing": {"img_size": model.config.img_size, "in_chans": model.config.in_chans,
+                                       "gray": "luminance, bilinear resize, replicated to in_chans",
+                                       "normalisation": "ImageNet mean/std (their means for 1 channel)",
+                                       "tta_hflip": model.config.tta_hflip}}
+            for fold, paths in sorted(model.weights.items()):
+                if average_checkpoints:
+                    names = [str(folder / f"fold{fold}" / "averaged.pt")]
+                    files.save_torch(_average_weights(paths, "rerun that fold"), temporary / names[0])
+                else:
+                    names = [str(folder / f"fold{fold}" / p.name) for p in paths]
+                    for source, name in zip(paths, names):
+                        _link_or_copy(source, temporary / name)
+                entry["folds"][str(fold)] = names
+            manifest["models"].append(entry)
+        for path in sorted(p for p in temporary.rglob("*") if p.is_file()):
+            manifest["files"][str(path.relative_to(temporary))] = {"size": path.stat().st_size,
+                                                                   "sha256": files.file_digest(path)}
+        files.write_text(temporary / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # the new export replaces the old one whole
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        parser = argparse.ArgumentParser(prog="python -m utils.predict export",
+                                         description="Write a run's portable export (what prediction needs).")
+        parser.add_argument("run", help="runs/<name>/ of a finished run")
+        parser.add_argument("--out", help="export folder (default: runs/<name>/export)")
+        parser.add_argument("--average-checkpoints", action="store_true",
+                            help="one weight set per fold (the mean of its kept checkpoints) instead of all of them")
+        args = parser.parse_args(argv[1:])
+    else:
+        parser = argparse.ArgumentParser(prog="python -m utils.predict", description=__doc__.split("\n\n")[0])
+        parser.add_argument("source", help="a run folder (runs/<name>/) or an export folder")
+        parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+        parser.add_argument("--out", required=True, help="the CSV to write (name,prediction rows, no header)")
+        parser.add_argument("--no-round", action="store_true", help="write the unrounded ensemble mean")
+        parser.add_argument("--batch-size", type=int, default=None, help="default: max(the model's batch, 32)")
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        parser.add_argument("--workers", type=int, default=0, help="processes decoding and loading images")
+        args = parser.parse_args(argv)
+    try:
+        if argv[:1] == ["export"]:
+            manifest = export_run(args.run, args.out, args.average_checkpoints)
+            print(f"wrote {args.out or RunPaths(args.run).export}: {len(manifest['files'])} files, models "
+                  f"{', '.join(manifest['ensemble']['models'])}")
+            return 0
+        started = time.perf_counter()
+        rows = predict_images(args.source, args.images, rounding=not args.no_round, device=args.device,
+                              batch_size=args.batch_size, workers=args.workers)
+        files.write_text(args.out, format_predictions(rows))
+        seconds = time.perf_counter() - started
+        print(f"wrote {args.out}: {len(rows)} slices in {seconds:.1f} s ({len(rows) / seconds:.1f} slices/s)")
+        return 0
+    except (PredictError, data.DataError, files.IntegrityError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Self-supervised pretraining on every slice a user has, labels unused: prior knowledge without downloaded weights.
+
+Many users cannot download ImageNet weights (hospital networks, air-gapped clusters), and the challenge allowed no
+external data beyond ImageNet; what every user does have is the challenge's own slices: Train (its images, not its
+labels), Val and Test. This module pretrains a timm backbone on them and writes its weights, which 02_train loads
+through `pretrained_file` (timm's loader: the classifier is dropped, the first conv adapted to in_chans).
+
+    python -m utils.selfsup --data DIR --arch resnet10t --img-size 96 --epochs 30 --out runs/ssl/resnet10t.pth
+
+Methods (torch alone: each is a projection head and a loss of a few lines, simpler than a framework dependency):
+* `simclr` (Chen et al. 2020): two augmented views of each slice, a 2-layer projection head, the NT-Xent loss
+  (cross-entropy of each view against its partner among the 2B-1 others, temperature `temperature`).
+* `simsiam` (Chen & He 2021): the same views, a projector and a predictor, negative cosine similarity with a stop
+  gradient; no negatives, so it works at the small batches of a CPU.
+Views: random resized crop (scale 0.35-1), h-flip, rotation up to 20 degrees, brightness/contrast 0.4, blur
+(albumentations, on the gray uint8 slice), then utils.augment.Normalizer as in training. The choice of method and
+length is measured by paired 5-fold CV of the fine-tuned model (README, "Self-supervised pretraining").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import augment, data, files, models, train
+from utils.config import DEFAULT_CACHE_DIR, ConfigError, check_arch, check_choice
+
+log = logging.getLogger(__name__)
+
+METHODS = ("simclr", "simsiam")
+
+
+@dataclass
+class SelfSupConfig:
+    """One pretraining run (its defaults: what the README's measurement used)."""
+
+    arch: str = "resnet10t"
+    in_chans: int = 3
+    img_size: int = 96
+    method: str = "simclr"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    temperature: float = 0.2  # simclr
+    projection_dim: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_arch(self.arch)
+        if self.epochs < 1 or self.batch_size < 4 or self.lr <= 0 or self.img_size < 16:
+            raise ConfigError(f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}, "
+                              f"img_size={self.img_size}: need >= 1, >= 4, > 0, >= 16")
+
+
+def view_transform(img_size: int) -> A.Compose:
+    """The random view of a gray uint8 slice (H, W, 1) -> (img_size, img_size, 1)."""
+    return A.Compose([
+        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.35, 1.0), ratio=(0.8, 1.25)),
+        A.HorizontalFlip(p=0.5),
+        A.Rotate(limit=(-20, 20), border_mode=0, fill=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.4, contrast_limit=0.4, p=0.8),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.3),
+    ])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Two random views of each slice, as uint8 (1, H, W) tensors."""
+
+    def __init__(self, images: np.ndarray, img_size: int, seed: int):
+        self.images, self.transform = images, view_transform(img_size)
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _view(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.transform(image=np.ascontiguousarray(image[:, :, :1]))["image"]).permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.asarray(self.images[index])
+        return self._view(image), self._view(image)
+
+
+class SelfSupModel(nn.Module):
+    """A timm backbone (global average pooled) with the method's heads."""
+
+    def __init__(self, cfg: SelfSupConfig):
+        super().__init__()
+        self.method = cfg.method
+        self.backbone = models.build_model(cfg.arch, head="reg", pooling="avg", in_chans=cfg.in_chans).backbone
+        width = self.backbone.num_features
+        self.projector = nn.Sequential(nn.Linear(width, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                                       nn.Linear(512, cfg.projection_dim))
+        self.predictor = nn.Sequential(nn.Linear(cfg.projection_dim, 64), nn.BatchNorm1d(64), nn.ReLU(inplace=True),
+                                       nn.Linear(64, cfg.projection_dim)) if cfg.method == "simsiam" else None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x).mean(dim=(2, 3)))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss: each of the 2B views must pick its partner among the 2B - 1 others."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    n = len(z1)
+    partners = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, partners)
+
+
+def simsiam_loss(model: SelfSupModel, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SimSiam's symmetric negative cosine similarity, the target side detached."""
+    p1, p2 = model.predictor(z1), model.predictor(z2)
+    return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
+
+
+def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: str = "auto") -> pd.DataFrame:
+    """Pretrain on uint8 slices (N, H, W, C); write the backbone's state dict to `out` (and `<out>.history.csv`)."""
+    torch.manual_seed(cfg.seed)
+    train_cfg = train.TrainConfig(arch=cfg.arch, in_chans=cfg.in_chans, img_size=cfg.img_size, device=device,
+                                  batch_size=cfg.batch_size, num_workers=0)
+    torch_device = train.resolve_device(train_cfg)
+    train.prepare_device(torch_device)
+    model = SelfSupModel(cfg).to(torch_device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(TwoViews(images, cfg.img_size, cfg.seed), batch_size=cfg.batch_size,
+                                         shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    steps, warmup = cfg.epochs * len(loader), int(cfg.warmup_epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
+                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    normalizer, history = augment.Normalizer(cfg.in_chans), []
+    for epoch in range(cfg.epochs):
+        started, total, seen = time.perf_counter(), 0.0, 0
+        model.train()
+        for view1, view2 in loader:
+            z1 = model.embed(normalizer(view1.to(torch_device), channels_last=True))
+            z2 = model.embed(normalizer(view2.to(torch_device), channels_last=True))
+            loss = nt_xent(z1, z2, cfg.temperature) if cfg.method == "simclr" else simsiam_loss(model, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total, seen = total + loss.item() * len(view1), seen + len(view1)
+        speed = 2 * seen / (time.perf_counter() - started)
+        history.append({"epoch": epoch, "loss": total / seen, "images_per_s": speed})
+        log.info("[selfsup %s %s] epoch %d/%d loss %.4f (%.1f img/s)", cfg.method, cfg.arch, epoch + 1, cfg.epochs,
+                 history[-1]["loss"], history[-1]["images_per_s"])
+    files.save_torch({k: v.cpu() for k, v in model.backbone.state_dict().items()}, out, record=True)
+    frame = pd.DataFrame(history)
+    files.write_text(Path(f"{out}.history.csv"), frame.to_csv(index=False))
+    files.write_text(Path(f"{out}.config.json"), json.dumps(asdict(cfg), indent=1) + "\n")
+    return frame
+
+
+def with_pretraining(configs: Sequence[train.TrainConfig], epochs: int, method: str,
+                     out_dir: str | Path) -> tuple[list[train.TrainConfig], dict[Path, SelfSupConfig]]:
+    """The pipeline's plan: one pretraining per (arch, in_chans, img_size) of the models without weights of their
+    own. Returns the configs with `pretrained_file` set, and the pretrainings to run (weights file -> recipe)."""
+    configured, runs = [], {}
+    for model_cfg in configs:
+        if model_cfg.pretrained or model_cfg.pretrained_file:
+            configured.append(model_cfg)
+            continue
+        cfg = SelfSupConfig(arch=model_cfg.arch, in_chans=model_cfg.in_chans, img_size=model_cfg.img_size,
+                            method=method, epochs=epochs)
+        out = Path(out_dir) / f"{cfg.arch}_{cfg.in_chans}ch_{cfg.img_size}px_{method}_e{epochs}.pth"
+        runs[out] = cfg
+        configured.append(train.TrainConfig(**{**model_cfg.to_dict(), "pretrained_file": str(out)}))
+    return configured, runs
+
+
+def run_pretraining(runs: dict[Path, SelfSupConfig], data_dir: str | Path, cache_dir: str | Path) -> None:
+    """Pretrain each planned backbone; a weights file already there (and intact) is reused."""
+    for out, cfg in runs.items():
+        if out.is_file():
+            files.verify(out, f"delete {out} to pretrain again")
+            log.info("[selfsup] reusing %s", out)
+        else:
+            pretrain(unlabelled_images(data_dir, cfg, cache_dir), cfg, out)
+
+
+def unlabelled_images(data_dir: str | Path, cfg: SelfSupConfig, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                      splits: Sequence[str] = data.SPLITS) -> np.ndarray:
+    """Every slice of the data set's splits (Train's labels unused), decoded at cfg's size."""
+    arrays = []
+    for split in splits:
+        frame = data.load_split(data_dir, split, require_labels=False)
+        if frame is not None:
+            arrays.append(np.asarray(data.cached_images(frame, cache_dir, cfg.img_size, cfg.in_chans, split=split)))
+    return np.concatenate(arrays)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.selfsup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="official-layout folder: every split's images are used")
+    parser.add_argument("--out", required=True, help="the backbone weights to write (.pth), for pretrained_file")
+    parser.add_argument("--device", default="auto")
+    for name, value in asdict(SelfSupConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    data_dir, out, device = args.pop("data"), args.pop("out"), args.pop("device")
+    cfg = SelfSupConfig(**args)
+    images = unlabelled_images(data_dir, cfg)
+    log.info("[selfsup] %d slices of %s", len(images), data_dir)
+    pretrain(images, cfg, out, device)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
