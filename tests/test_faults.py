@@ -74,6 +74,9 @@ def test_killed_and_rerun_gives_the_same_submission_bytes_and_no_debris(fault_ru
         assert (root / "killed" / "submissions" / name).read_bytes() == \
             (root / "straight" / "submissions" / name).read_bytes()
     assert temporary_files(root / "killed") == []
+    # what a user sees: one line per step and per job epoch, no kernel or Dask chatter they cannot act on
+    assert "== 05_submit" in final.stdout and "[train] 2/2 jobs finished" in final.stdout
+    assert "without encryption" not in final.stdout + final.stderr and "distributed." not in final.stderr
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

@@ -47,7 +47,7 @@ from utils.config import (
     load_profile,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("utils.pipeline")  # not __name__: "__main__" under python -m
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 STAGES = ("00_eda", "01_folds", "02_train", "03_ensemble", "04_pseudo_label", "05_submit")

@@ -42,7 +42,7 @@ import pandas as pd
 from utils import data, ensemble, files, submission, train
 from utils.config import RunPaths, TrainConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("utils.predict")  # not __name__: "__main__" under python -m
 
 EXPORT_FORMAT = 1
 MANIFEST = "manifest.json"

@@ -38,7 +38,7 @@ from torch import nn
 from utils import augment, data, files, models, train
 from utils.config import DEFAULT_CACHE_DIR, ConfigError, check_arch, check_choice
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("utils.selfsup")  # not __name__: "__main__" under python -m
 
 METHODS = ("simclr", "simsiam")
 

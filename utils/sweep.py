@@ -35,7 +35,7 @@ import pandas as pd
 from utils import files, jobs
 from utils.config import DEFAULT_CACHE_DIR, REPO_ROOT, RunPaths, TrainConfig, check_run_settings, load_profile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("utils.sweep")  # not __name__: "__main__" under python -m
 
 SUMMARY_COLUMNS = ["model", "fold", "MAE", "PC", "RMSE", "n", "train_images_per_s", "seconds"]
 
