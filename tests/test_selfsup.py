@@ -48,3 +48,14 @@ def test_the_plan_pretrains_once_per_backbone_and_points_the_models_at_it(tmp_pa
     assert sorted(p.name for p in runs) == ["resnet10t_3ch_32px_simclr_e3.pth", "resnet18_3ch_32px_simclr_e3.pth"]
     assert configured[0].pretrained_file == configured[1].pretrained_file != configured[2].pretrained_file
     assert configured[3].pretrained_file == "/elsewhere.pth"  # a model with weights of its own keeps them
+
+
+def test_a_folder_smaller_than_one_batch_still_trains_and_one_slice_is_a_clear_error(tmp_path):
+    """CI's real-crop run had 40 slices against the default batch of 128: no batch at all, then a ZeroDivisionError."""
+    images = np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)
+    cfg = selfsup.SelfSupConfig(arch="resnet10t", img_size=32, epochs=1, batch_size=128)
+    history = selfsup.pretrain(images, cfg, tmp_path / "small.pth", device="cpu")
+    assert np.isfinite(history["loss"]).all() and history["images_per_s"].iloc[0] > 0
+    with pytest.raises(ValueError, match="at least 2 unlabelled slices.*selfsup_epochs 0"):
+        selfsup.pretrain(images[:1], cfg, tmp_path / "one.pth", device="cpu")
+    assert not (tmp_path / "one.pth").exists()

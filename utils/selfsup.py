@@ -139,7 +139,12 @@ def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: st
     train.prepare_device(torch_device)
     model = SelfSupModel(cfg).to(torch_device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(TwoViews(images, cfg.img_size, cfg.seed), batch_size=cfg.batch_size,
+    if len(images) < 2:
+        raise ValueError(f"self-supervised pretraining needs at least 2 unlabelled slices, got {len(images)}: "
+                         "add images to the data folder or set selfsup_epochs 0")
+    # a small folder still gets whole batches (drop_last keeps NT-Xent's batch statistics even)
+    batch_size = min(cfg.batch_size, len(images))
+    loader = torch.utils.data.DataLoader(TwoViews(images, cfg.img_size, cfg.seed), batch_size=batch_size,
                                          shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     steps, warmup = cfg.epochs * len(loader), int(cfg.warmup_epochs * len(loader))
