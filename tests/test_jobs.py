@@ -83,3 +83,26 @@ def test_slots_pin_each_job_process_to_its_gpu():
     assert jobs.Runner(jobs=3, gpus=2).slots(use_gpu=False) == [{}, {}, {}]
     with pytest.raises(ValueError, match="at least 1"):
         jobs.Runner(jobs_per_gpu=0)
+
+
+def test_a_kept_cluster_serves_the_next_stage_with_its_workers_tuned_for_training(tiny_data, tmp_path):
+    """The pipeline's two training stages share one local cluster (its start costs seconds per stage); its workers
+    run without Dask's profiler and GIL monitor (10-20 % of a CPU training, README's Speed)."""
+    from distributed import Client
+
+    run_dir = new_run(tmp_path / "run", tiny_data)
+    runner = jobs.Runner(jobs=1, threads=1, keep_cluster=True)
+    first, second = (TrainConfig(model_name=name, **{**TINY, "folds": [0]}) for name in ("first", "second"))
+    try:
+        assert jobs.run_training([first], run_dir, tiny_data, tmp_path / "cache", runner) == ["first fold 0"]
+        cluster = runner._cluster
+        assert jobs.run_training([second], run_dir, tiny_data, tmp_path / "cache", runner) == ["second fold 0"]
+        assert runner._cluster is cluster
+        with Client(cluster, set_as_default=False) as client:
+            settings = client.run(lambda: (__import__("dask").config.get("distributed.worker.profile.enabled"),
+                                           __import__("dask").config.get("distributed.admin.system-monitor.gil.enabled"),
+                                           os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+        assert list(settings.values()) == [(False, False, None)]
+    finally:
+        runner.close()
+    assert runner._cluster is None and cluster.status.name == "closed"

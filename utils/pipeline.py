@@ -25,6 +25,7 @@ which starts the run afresh. Each notebook gets only the parameters its `paramet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
 import sys
@@ -211,8 +212,8 @@ def run(argv: Sequence[str] | None = None) -> Path | None:
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise PipelineError(f"--data {args.data}: no such folder (expected the official layout: Train/, Val/[, Test/])")
     kernel = choose_kernel(args.kernel)
-    runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu)
-    with files.RunLock(run_dir):
+    runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu, keep_cluster=True)
+    with files.RunLock(run_dir), contextlib.closing(runner):  # closing: the local Dask cluster, kept across stages
         _start_run_folder(run_dir, args.force, submission_csv)
         files.remove_debris(run_dir, cache_dir, submission_csv.parent, workdir / "data")
         data_dir = Path(args.data).expanduser() if args.data else workdir / "data" / "phantoms"
