@@ -132,6 +132,9 @@ def simsiam_loss(model: SelfSupModel, z1: torch.Tensor, z2: torch.Tensor) -> tor
 
 def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: str = "auto") -> pd.DataFrame:
     """Pretrain on uint8 slices (N, H, W, C); write the backbone's state dict to `out` (and `<out>.history.csv`)."""
+    if len(images) < 2:
+        raise ValueError(f"self-supervised pretraining needs at least 2 unlabelled slices, got {len(images)}: "
+                         "add images to the data folder or set selfsup_epochs 0")
     torch.manual_seed(cfg.seed)
     train_cfg = train.TrainConfig(arch=cfg.arch, in_chans=cfg.in_chans, img_size=cfg.img_size, device=device,
                                   batch_size=cfg.batch_size, num_workers=0)
@@ -139,9 +142,6 @@ def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: st
     train.prepare_device(torch_device)
     model = SelfSupModel(cfg).to(torch_device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if len(images) < 2:
-        raise ValueError(f"self-supervised pretraining needs at least 2 unlabelled slices, got {len(images)}: "
-                         "add images to the data folder or set selfsup_epochs 0")
     # a small folder still gets whole batches (drop_last keeps NT-Xent's batch statistics even)
     batch_size = min(cfg.batch_size, len(images))
     loader = torch.utils.data.DataLoader(TwoViews(images, cfg.img_size, cfg.seed), batch_size=batch_size,
