@@ -64,7 +64,18 @@ def test_a_failing_job_stops_the_stage_naming_it_and_finished_folds_stay(tiny_da
     assert predictions(run_dir, "good") == kept  # the finished folds are reused, not lost
 
 
-def test_jobs_run_on_an_external_scheduler(tiny_data, tmp_path, monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """A default LocalCluster's nannies write Dask's pre-spawn environment (MALLOC_TRIM_THRESHOLD_, ...) into this
+    process's os.environ, which later workers of the test session would inherit: put it back afterwards."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
+
+
+def test_jobs_run_on_an_external_scheduler(tiny_data, tmp_path, monkeypatch, restored_environ):
     cfg = TrainConfig(model_name="m", **{**TINY, "folds": [0]})
     run_dir = new_run(tmp_path / "run", tiny_data)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
