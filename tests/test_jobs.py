@@ -117,3 +117,14 @@ def test_a_kept_cluster_serves_the_next_stage_with_its_workers_tuned_for_trainin
     finally:
         runner.close()
     assert runner._cluster is None and cluster.status.name == "closed"
+
+
+def test_a_job_whose_loader_has_worker_processes_runs_in_a_dask_worker(tiny_data, tmp_path):
+    """GPU jobs load with worker processes (loader_workers > 0); a daemonic Dask worker may not start them (the first
+    GPU run failed with 'daemonic processes are not allowed to have children'). CPU jobs load in-process, so this
+    test asks for a loader worker explicitly."""
+    run_dir = new_run(tmp_path / "run", tiny_data)
+    cfg = TrainConfig(model_name="loaded", **{**TINY, "folds": [0], "num_workers": 1})
+    assert jobs.run_training([cfg], run_dir, tiny_data, tmp_path / "cache", jobs.Runner(jobs=1, threads=1)) == \
+        ["loaded fold 0"]
+    assert (RunPaths(run_dir).fold("loaded", 0) / "predictions.csv").is_file()

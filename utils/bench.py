@@ -408,6 +408,8 @@ def measure_concurrent(cfg: TrainConfig, ks: Sequence[int], images: torch.Tensor
             break
         figures[k] = {**concurrency_figures(timings, steps, cfg.batch_size), "threads": threads}
         figures[k]["speedup"] = figures[k]["aggregate_img_s"] / figures[1]["aggregate_img_s"]
+        log(f"--concurrent {k}: aggregate {figures[k]['aggregate_img_s']:.1f} img/s, "
+            f"speed-up {figures[k]['speedup']:.2f}")
     return figures
 
 
@@ -543,11 +545,15 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
     steps, warmup_steps = steps or (30 if cuda else 8), warmup_steps if warmup_steps is not None else (5 if cuda else 2)
     train.prepare_device(device)  # as train_fold: cudnn.benchmark; on CPU flushed denormals (~10x slower on x86)
     workers = train.loader_workers(cfg, device)
+    # One progress line per measurement as it ends: a bench stopped by a time limit still says what it measured.
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         cache, inputs = _measure_inputs(cfg, data_dir, n_images, Path(tmp))  # (d)
+        log(f"(d) decode {inputs['decode_img_s']:.1f} img/s, augment {inputs['augment_img_s']:.1f} img/s per process")
         images, targets = _model_batch(cfg, cache)
         runner, step = _measure_model_step(cfg, device, images, targets, steps, warmup_steps)  # (a), (c)
+        log(f"(a) model step {step['model_img_s']:.1f} img/s, (c) bare loop {step['bare_img_s']:.1f} img/s")
         pipeline = _measure_pipeline(cfg, device, runner, cache, steps, warmup_steps, workers)  # (b)
+        log(f"(b) full input pipeline {pipeline['pipeline_img_s']:.1f} img/s ({workers} loader workers)")
         del runner, cache
     if cuda:
         torch.cuda.empty_cache()  # leave the GPU's memory to the concurrent processes

@@ -231,8 +231,10 @@ def run_train_job(job: TrainJob) -> str | None:
 # environment (docstring below), the statistical profiler (samples every thread's stack each 10 ms) and the GIL
 # contention monitor. Measured on the demo's resnet18 job (2 cores, 4 epochs, twice each): 3.4-4.1 s per epoch with
 # them, 2.7-3.6 s without (the same job outside Dask: 2.7-3.9 s).
+# Also off: daemonic worker processes, which may not start children, so a GPU job's DataLoader workers could not
+# start ("daemonic processes are not allowed to have children"; the nanny still ends its worker with the run).
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ": {}, "distributed.worker.profile.enabled": False,
-                 "distributed.admin.system-monitor.gil.enabled": False}
+                 "distributed.admin.system-monitor.gil.enabled": False, "distributed.worker.daemon": False}
 
 
 def _local_cluster(slots: list[dict[str, str]], threads: int):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -192,7 +193,14 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, train:
                       sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
                       drop_last=train and len(dataset) > cfg.batch_size, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=train and workers > 0,
-                      prefetch_factor=4 if workers else None, worker_init_fn=augment.worker_init if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=augment.worker_init if workers else None,
+                      multiprocessing_context=_LOADER_START if workers else None)
+
+
+# Loader workers start by fork where the OS has it (PyTorch's default on Linux; they only augment on the CPU and
+# never touch CUDA), also inside a Dask worker, whose default is spawn: a spawned loader worker imports torch and
+# the project again, seconds each time an evaluation loader starts (each epoch).
+_LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def images_to_device(images: torch.Tensor, cfg: TrainConfig, device: torch.device,
