@@ -182,6 +182,12 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
+# Loader workers start by fork where the OS has it (PyTorch's default on Linux; they only augment on the CPU and
+# never touch CUDA), also inside a Dask worker, whose default is spawn: a spawned loader worker imports torch and
+# the project again, seconds each time an evaluation loader starts (each epoch).
+_LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, train: bool, seed: int = 0,
                 batch_size: int | None = None) -> DataLoader:
     """Training: shuffled by EpochShuffleSampler, full batches only, persistent workers on GPU boxes.
@@ -195,12 +201,6 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, train:
                       pin_memory=device.type == "cuda", persistent_workers=train and workers > 0,
                       prefetch_factor=4 if workers else None, worker_init_fn=augment.worker_init if workers else None,
                       multiprocessing_context=_LOADER_START if workers else None)
-
-
-# Loader workers start by fork where the OS has it (PyTorch's default on Linux; they only augment on the CPU and
-# never touch CUDA), also inside a Dask worker, whose default is spawn: a spawned loader worker imports torch and
-# the project again, seconds each time an evaluation loader starts (each epoch).
-_LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def images_to_device(images: torch.Tensor, cfg: TrainConfig, device: torch.device,
