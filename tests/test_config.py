@@ -28,12 +28,19 @@ def test_defaults_are_the_paper_recipe():
 
 @pytest.mark.parametrize("field, value, message", [
     ("head", "softmax", "choose one of"), ("pooling", "gem", "choose one of"), ("optimizer", "lamb", "choose one of"),
-    ("sam", "gsam", "choose one of"),
+    ("sam", "gsam", "choose one of"), ("compile", "fast", "choose one of"),
     ("save_last_k", 99, "save_last_k"), ("in_chans", 4, "in_chans"), ("folds", [], "at least one fold"),
 ])
 def test_bad_values_fail_with_the_fix(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_compile_takes_a_switch_or_a_torch_compile_mode(tmp_path):
+    assert [TrainConfig(compile=v).compile_mode for v in (False, True, "reduce-overhead")] == \
+        [None, "default", "reduce-overhead"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**TrainConfig().to_dict(), "compile": True}))
+    assert TrainConfig.load_yaml(tmp_path / "old.yaml").compile_mode == "default"  # configs saved as a switch load
 
 
 def test_from_namespace_picks_fields_and_roundtrips(tmp_path):

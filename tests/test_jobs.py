@@ -5,6 +5,7 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 from distributed import LocalCluster
 
 from utils import jobs, phantoms
@@ -94,6 +95,17 @@ def test_slots_pin_each_job_process_to_its_gpu():
     assert jobs.Runner(jobs=3, gpus=2).slots(use_gpu=False) == [{}, {}, {}]
     with pytest.raises(ValueError, match="at least 1"):
         jobs.Runner(jobs_per_gpu=0)
+
+
+def test_cores_are_those_the_process_may_use_not_the_machines(monkeypatch):
+    """A 3-CPU job (taskset, a container's or Slurm's cpuset) on a 64-core node: threads and loader workers are
+    sized from the 3 CPUs."""
+    from utils import train
+
+    monkeypatch.setattr(jobs.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 64)
+    assert jobs.usable_cores() == 3 and jobs.Runner().cores == 3
+    assert train.loader_workers(TrainConfig(num_workers=-1), torch.device("cuda")) == 2
 
 
 def test_a_kept_cluster_serves_the_next_stage_with_its_workers_tuned_for_training(tiny_data, tmp_path):

@@ -143,3 +143,23 @@ def test_loader_workers_start_by_fork_even_where_the_default_is_spawn():
     loader = make_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), cfg, torch.device("cpu"), train=False)
     assert loader.multiprocessing_context.get_start_method() == "fork"
     assert [len(batch[0]) for batch in loader] == [8]
+
+
+def test_a_compiled_sam_step_learns_what_the_eager_step_learns():
+    """compile: reduce-overhead (CUDA graphs on a GPU; on the CPU torch compiles without them) through StepRunner:
+    SAM's two passes per step give the eager step's losses and weights."""
+    def two_steps(compile_mode):
+        cfg = tiny_config(arch="resnet10t", in_chans=1, compile=compile_mode)
+        torch.manual_seed(0)
+        model = train.build_model_for(cfg, torch.device("cpu"))
+        runner = train.StepRunner(model, train.build_optimizer(model, cfg), cfg, torch.device("cpu"))
+        images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        batch = runner.to_device(images, torch.tensor([0.0, 10.0, 50.0, 100.0]))
+        losses = [float(runner(*batch)["loss"]) for _ in range(2)]
+        return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    eager_losses, eager_weights = two_steps(False)
+    compiled_losses, compiled_weights = two_steps("reduce-overhead")
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert eager_losses[1] != eager_losses[0]  # the weights moved between the steps
+    torch.testing.assert_close(compiled_weights, eager_weights, rtol=1e-4, atol=1e-5)

@@ -51,6 +51,7 @@ torch.compile; and fp32 + contiguous for comparison:
     python -m utils.bench --arch resnest50d --img-size 512 --batch-size 8 --device cuda \
         --concurrent 1 2 4 8 --json out.json
     python -m utils.bench --arch resnest50d --img-size 512 --batch-size 8 --device cuda --compile --json compiled.json
+    python -m utils.bench ... --compile reduce-overhead   # torch.compile with CUDA graphs (>= 3 warm-up steps)
     python -m utils.bench --arch resnest50d --img-size 512 --batch-size 8 --device cuda --no-amp --no-channels-last
 Defaults: 30 timed + 5 warm-up steps on CUDA, 8 + 2 on CPU. On a busy CPU pass `--threads 1`: two OpenMP threads
 on two cores shared with another process spin-wait for each other (measured here: 8.3 s vs 0.4 s per step).
@@ -79,7 +80,7 @@ from PIL import Image
 from torch import nn
 
 from utils import augment, data, files, losses, models, phantoms, train
-from utils.config import TrainConfig, load_profile, pseudo_label_name
+from utils.config import COMPILE_MODES, TrainConfig, load_profile, pseudo_label_name
 
 N_TRAIN, N_VAL, N_FOLDS = 3054, 1301, 5  # the challenge's Train and Val slices; the paper's 5 folds
 SOURCE_SIZE = 512  # the challenge PNGs are 512x512
@@ -562,7 +563,8 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
     result = dict(
         arch=cfg.arch, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size, batch_size=cfg.batch_size,
         optimizer=cfg.optimizer, sam=cfg.sam, device=str(device), amp=cfg.amp and cuda,
-        channels_last=cfg.channels_last, compile=cfg.compile, workers=workers, threads=torch.get_num_threads(),
+        channels_last=cfg.channels_last, compile_mode=cfg.compile_mode, workers=workers,
+        threads=torch.get_num_threads(),
         steps=steps, warmup_steps=warmup_steps, **step, **pipeline,
         pipeline_ratio=pipeline["pipeline_img_s"] / model_img_s, **inputs,
         workers_needed=workers_needed(model_img_s, inputs["augment_img_s"]), concurrent=parallel,
@@ -594,10 +596,11 @@ def format_table(r: dict[str, Any]) -> str:
     precision = "bf16" if r["amp"] else "fp32"
     layout = "channels_last" if r["channels_last"] else "contiguous"
     speed = "--concurrent's aggregate" if r["concurrent"] else "(a)'s speed"
+    compiled = f" compiled ({r['compile_mode']})" if r["compile_mode"] else ""
     return "\n".join([
         f"{r['arch']} {r['head']}/{r['pooling']}  {r['img_size']} px  batch {r['batch_size']}  "
         f"{r['optimizer']}{'+SAM' if r['sam'] == 'sam' else ''}  "
-        f"{r['device']} {precision} {layout}{' compiled' if r['compile'] else ''}  {r['threads']} threads  "
+        f"{r['device']} {precision} {layout}{compiled}  {r['threads']} threads  "
         f"{r['workers']} loader workers  ({r['steps']} steps, {r['warmup_steps']} warm-up)",
         f" (a) model step alone     {r['model_img_s']:9.1f} img/s",
         f" (b) full input pipeline  {r['pipeline_img_s']:9.1f} img/s   b/a = {r['pipeline_ratio']:.3f}"
@@ -630,7 +633,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
+                        metavar="MODE", help="torch.compile the step: default, or reduce-overhead (CUDA graphs), "
+                                             "max-autotune, max-autotune-no-cudagraphs")
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (default: train.loader_workers)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--head", default="exp", choices=models.HEADS)

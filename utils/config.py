@@ -46,6 +46,8 @@ POOLINGS = ("avg", "hybrid", "avgmax", "catavgmax")
 NUM_BINS = 101  # the exp/ldl heads' bins: integer percentages 0..100
 OPTIMIZERS = ("sgd", "adamw")
 SAM_MODES = ("sam", "asam", "none")
+# torch.compile's modes for the training step (`compile: true` is "default"; "reduce-overhead" adds CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUBMIT_SPLITS = ("Val", "Test")
 PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
@@ -184,7 +186,7 @@ class TrainConfig(Settings):
     device: str = "auto"  # auto: cuda when present (bf16 autocast), else cpu fp32
     amp: bool = True
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | str = False  # torch.compile the step: false, true (= "default") or one of COMPILE_MODES
     num_workers: int = -1  # loader workers; -1: min(8, cores - 1) on GPU, 0 on CPU
     max_steps_per_epoch: int | None = None  # smoke tests only
 
@@ -194,6 +196,8 @@ class TrainConfig(Settings):
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("sam", self.sam, SAM_MODES)
+        if isinstance(self.compile, str):
+            check_choice("compile", self.compile, COMPILE_MODES)
         _check_all([
             (self.in_chans in (1, 3), "in_chans", f"{self.in_chans}: use 1 (grayscale) or 3 (ImageNet weights)"),
             (self.img_size >= 16, "img_size", f"{self.img_size}: use at least 16 px"),
@@ -223,6 +227,13 @@ class TrainConfig(Settings):
              f"{self.device!r}: use auto, cpu, cuda or cuda:N"),
         ])
         check_arch(self.arch)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for the training step, or None when the step runs eagerly."""
+        if self.compile is True:
+            return "default"
+        return self.compile or None
 
     def save_yaml(self, path: str | Path) -> None:
         from utils import files

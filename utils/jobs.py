@@ -72,6 +72,15 @@ class TrainJob:
         return f"{self.config['model_name']} fold {self.fold}"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (taskset, a container's or Slurm's cpuset), which
+    os.cpu_count() ignores: in a 4-CPU job on a 64-core node that would start 16x too many threads and workers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Runner:
     """Where and how wide jobs run (see the module docstring)."""
@@ -81,7 +90,7 @@ class Runner:
     jobs_per_gpu: int = 2  # jobs sharing each GPU (utils.bench --concurrent K measures the choice)
     gpus: int | None = None  # visible GPUs (None: torch.cuda.device_count())
     threads: int | None = None  # torch threads per job (default: cores // local slots)
-    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cores: int = field(default_factory=usable_cores)
     # True: the local cluster outlives a stage, for the next one (the pipeline's two training stages: its start and
     # the workers' imports cost ~8 s per stage on 2 cores); close() ends it. False: each stage starts and closes one.
     keep_cluster: bool = False

@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from utils import files
+from utils.jobs import usable_cores
 
 FORMAT_VERSION = 1
 MANIFEST = "phantoms.json"
@@ -635,7 +636,7 @@ def generate_phantoms(
     started = time.perf_counter()
     plan_subjects, plan_slices = plan_phantoms(subjects, seed, val_fraction, test_fraction, slices_per_subject)
     splits = [s for s in ("Train", "Val", "Test") if any(e["split"] == s for e in plan_slices)]
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = min(8, usable_cores()) if num_workers is None else num_workers
     with _new_folder(out) as temporary:
         for split in splits:
             (temporary / split / "Images").mkdir(parents=True)

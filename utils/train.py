@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 
 from utils import augment, data, files, losses, models, sam
 from utils.config import RunPaths, TrainConfig
+from utils.jobs import usable_cores
 from utils.metrics import score
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable[[], con
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     if cfg.num_workers >= 0:
         return cfg.num_workers
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    return min(8, max(1, usable_cores() - 1)) if device.type == "cuda" else 0
 
 
 def prepare_device(device: torch.device) -> None:
@@ -215,7 +215,9 @@ class StepRunner:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device):
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
         self.autocast = autocast_context(cfg, device)
-        self.forward = torch.compile(model) if cfg.compile else model
+        # "reduce-overhead" records CUDA graphs; SAM's two passes need no manual step marks: each forward follows
+        # the previous pass's backward, which is when torch starts a new graph iteration by itself.
+        self.forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
         self.normalizer = augment.Normalizer(cfg.in_chans)
 
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
