@@ -42,7 +42,7 @@ def test_tiny_run_measures_every_figure(tiny_run):
     for key in ("model_img_s", "pipeline_img_s", "bare_img_s", "decode_img_s", "augment_img_s",
                 "hours_as_measured", "hours_flop_scaled"):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert not result["amp"] and result["channels_last"]  # bf16 autocast is CUDA-only; channels_last applies on CPU
+    assert result["precision"] == "float32" and result["channels_last"]  # autocast "auto" is GPU-only
 
 
 def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):

@@ -203,3 +203,40 @@ def test_step_with_closure_equals_train_step():
     optimizer.step(closure)
     sam_step(twin, twin_optimizer, x, y)
     torch.testing.assert_close(model.weight, twin.weight)
+
+
+def test_a_loss_scaled_step_equals_the_unscaled_one():
+    """fp16's GradScaler: both passes backpropagate S * loss; the climb is scale-free and the base step unscaled."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        model, x, y = linear_problem()
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9)
+        for _ in range(2):
+            sam_step(model, optimizer, x, y, scaler=scaler, clip_grad_norm=0.5)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for unscaled, scaled in zip(*results, strict=True):
+        torch.testing.assert_close(scaled, unscaled)
+
+
+@pytest.mark.parametrize("overflow_pass", [1, 2])
+def test_an_fp16_overflow_in_either_pass_skips_the_update_and_backs_the_scale_off(overflow_pass):
+    model, x, y = linear_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    calls = []
+
+    def loss():
+        calls.append(1)
+        value = ((model(x) - y) ** 2).mean()
+        return value * float("inf") if len(calls) == overflow_pass else value
+
+    sam_train_step(model, optimizer, loss, scaler=scaler)
+    assert len(calls) == overflow_pass  # an overflow at w skips the second pass too
+    assert scaler.get_scale() == 512.0
+    for p, old in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)  # w exactly as before, not w + e_w
+        assert p.grad is None
+    assert not optimizer.base_optimizer.state  # no momentum buffer made from a skipped step
+    sam_step(model, optimizer, x, y, scaler=scaler)  # and the next step goes through
+    assert not torch.equal(model.weight.detach(), before[0])

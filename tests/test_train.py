@@ -53,9 +53,10 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("amp_dtype", ["auto", "float16"])  # float16: SAM with a GradScaler that backs off here
+def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype):
     split = tiny_split()
-    cfg = tiny_config(sam="sam")
+    cfg = tiny_config(sam="sam", amp_dtype=amp_dtype)
     reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False)
 
     calls = {"n": 0}
@@ -70,7 +71,8 @@ def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(train.StepRunner, "__call__", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
-    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["epoch"] == 0
+    state = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)
+    assert state["epoch"] == 0 and ("grad_scaler" in state) == (amp_dtype == "float16")
     monkeypatch.setattr(train.StepRunner, "__call__", real_call)
     with caplog.at_level(logging.INFO, logger="utils"):
         resumed = train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
@@ -143,6 +145,19 @@ def test_loader_workers_start_by_fork_even_where_the_default_is_spawn():
     loader = make_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), cfg, torch.device("cpu"), train=False)
     assert loader.multiprocessing_context.get_start_method() == "fork"
     assert [len(batch[0]) for batch in loader] == [8]
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_autocast_is_bf16_where_the_gpu_computes_it_else_fp16_with_a_scaler(monkeypatch, capability, expected):
+    """T4 (7.5), V100, P100 emulate bf16 (slower than fp32): fp16 with loss scaling there; A100 (8.0) on: bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert train.amp_dtype(tiny_config(amp_dtype="auto"), cuda) == expected
+    assert (train.grad_scaler(tiny_config(amp_dtype="auto"), cuda) is not None) == (expected == torch.float16)
+    assert train.amp_dtype(tiny_config(amp_dtype="bfloat16"), cuda) == torch.bfloat16  # asked for: as asked
+    assert train.amp_dtype(tiny_config(amp=False), cuda) is None
+    assert train.amp_dtype(tiny_config(), torch.device("cpu")) is None  # auto on the CPU: float32
 
 
 def test_a_compiled_sam_step_learns_what_the_eager_step_learns():

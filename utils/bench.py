@@ -80,7 +80,7 @@ from PIL import Image
 from torch import nn
 
 from utils import augment, data, files, losses, models, phantoms, train
-from utils.config import COMPILE_MODES, TrainConfig, load_profile, pseudo_label_name
+from utils.config import AMP_DTYPES, COMPILE_MODES, TrainConfig, load_profile, pseudo_label_name
 
 N_TRAIN, N_VAL, N_FOLDS = 3054, 1301, 5  # the challenge's Train and Val slices; the paper's 5 folds
 SOURCE_SIZE = 512  # the challenge PNGs are 512x512
@@ -261,6 +261,7 @@ def _bare_step(model: nn.Module, forward: Callable, cfg: TrainConfig, images: to
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     autocast = train.autocast_context(cfg, images.device)
+    scaler = train.grad_scaler(cfg, images.device)  # fp16: torch's loss scaling, as the project's step
     target_dist = losses.target_distribution(targets.cpu()).to(images.device) if cfg.head == "ldl" else None
 
     def loss() -> torch.Tensor:
@@ -274,10 +275,13 @@ def _bare_step(model: nn.Module, forward: Callable, cfg: TrainConfig, images: to
                                                      reduction="batchmean")
         return total
 
+    def backward(value: torch.Tensor) -> None:
+        (value if scaler is None else scaler.scale(value)).backward()
+
     def step() -> None:
         model.train()
         base.zero_grad(set_to_none=True)
-        loss().backward()
+        backward(loss())
         if cfg.sam == "sam":
             with torch.no_grad():
                 live = [p for p in params if p.grad is not None]
@@ -288,12 +292,16 @@ def _bare_step(model: nn.Module, forward: Callable, cfg: TrainConfig, images: to
             base.zero_grad(set_to_none=True)
             for m in norms:
                 m.momentum = 0.0
-            loss().backward()
+            backward(loss())
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
             with torch.no_grad():
                 torch._foreach_sub_(live, climb)
-        base.step()
+        if scaler is None:
+            base.step()
+        else:
+            scaler.step(base)
+            scaler.update()
 
     return step
 
@@ -562,7 +570,8 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
     model_img_s = step["model_img_s"]
     result = dict(
         arch=cfg.arch, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size, batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer, sam=cfg.sam, device=str(device), amp=cfg.amp and cuda,
+        optimizer=cfg.optimizer, sam=cfg.sam, device=str(device),
+        precision=str(train.amp_dtype(cfg, device) or torch.float32).removeprefix("torch."),
         channels_last=cfg.channels_last, compile_mode=cfg.compile_mode, workers=workers,
         threads=torch.get_num_threads(),
         steps=steps, warmup_steps=warmup_steps, **step, **pipeline,
@@ -593,7 +602,7 @@ def _concurrent_table(r: dict[str, Any]) -> list[str]:
 
 def format_table(r: dict[str, Any]) -> str:
     """The printed summary of a run_bench result."""
-    precision = "bf16" if r["amp"] else "fp32"
+    precision = {"bfloat16": "bf16", "float16": "fp16 + GradScaler", "float32": "fp32"}[r["precision"]]
     layout = "channels_last" if r["channels_last"] else "contiguous"
     speed = "--concurrent's aggregate" if r["concurrent"] else "(a)'s speed"
     compiled = f" compiled ({r['compile_mode']})" if r["compile_mode"] else ""
@@ -632,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup-steps", type=int, default=None, help="default 5 on CUDA, 2 on CPU")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--amp-dtype", default="auto", choices=AMP_DTYPES,
+                        help="auto: bf16 where the GPU computes it, else fp16 with a GradScaler")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                         metavar="MODE", help="torch.compile the step: default, or reduce-overhead (CUDA graphs), "
@@ -652,8 +663,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(model_name=f"bench_{args.arch}", arch=args.arch, head=args.head, pooling=args.pooling,
                       img_size=args.img_size, batch_size=args.batch_size, optimizer=args.optimizer, sam=args.sam,
-                      device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-                      num_workers=args.workers)
+                      device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+                      compile=args.compile, num_workers=args.workers)
     result = run_bench(cfg, args.steps, args.warmup_steps, args.data, args.profile, concurrent=args.concurrent)
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=2) + "\n")

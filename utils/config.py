@@ -46,6 +46,8 @@ POOLINGS = ("avg", "hybrid", "avgmax", "catavgmax")
 NUM_BINS = 101  # the exp/ldl heads' bins: integer percentages 0..100
 OPTIMIZERS = ("sgd", "adamw")
 SAM_MODES = ("sam", "asam", "none")
+# Autocast dtypes: auto picks bf16 where the GPU computes it natively, else fp16 with loss scaling (utils.train).
+AMP_DTYPES = ("auto", "bfloat16", "float16")
 # torch.compile's modes for the training step (`compile: true` is "default"; "reduce-overhead" adds CUDA graphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUBMIT_SPLITS = ("Val", "Test")
@@ -183,8 +185,12 @@ class TrainConfig(Settings):
     save_last_k: int = 5  # checkpoints of the last k epochs are kept and averaged
     seed: int = 42
     use_pseudo_labels: bool = False  # add 04_pseudo_label's labelled Val/Test slices to every fold's training part
-    device: str = "auto"  # auto: cuda when present (bf16 autocast), else cpu fp32
+    device: str = "auto"  # auto: cuda when present (autocast: amp_dtype), else cpu fp32
     amp: bool = True
+    # auto: bf16 on GPUs that compute it natively (compute capability >= 8: A100, H100, RTX 30xx on), else fp16 with
+    # a GradScaler (T4, P100, V100: Kaggle's GPUs, where bf16 is emulated and slow); fp32 on the CPU.
+    # bfloat16 | float16: that dtype on any device.
+    amp_dtype: str = "auto"
     channels_last: bool = True
     compile: bool | str = False  # torch.compile the step: false, true (= "default") or one of COMPILE_MODES
     num_workers: int = -1  # loader workers; -1: min(8, cores - 1) on GPU, 0 on CPU
@@ -196,6 +202,7 @@ class TrainConfig(Settings):
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("sam", self.sam, SAM_MODES)
+        check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, COMPILE_MODES)
         _check_all([

@@ -69,9 +69,16 @@ class SAM(Optimizer):
         return torch.stack([n.to(device) for n in norms]).norm(p=2)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """w <- w + e_w, e_w = rho g/||g|| (ASAM: rho w^2 g/||w g||); remembers w and e_w in ``self.state``."""
+    def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
+        """w <- w + e_w, e_w = rho g/||g|| (ASAM: rho w^2 g/||w g||); remembers w and e_w in ``self.state``.
+
+        e_w is the same for a loss-scaled gradient S*g (fp16 training): no unscaling needed. ``skip_nonfinite``:
+        gradients with inf/NaN (an fp16 overflow) leave w as it is and return False (one host sync); else True."""
         grad_norm = self._grad_norm()
+        if skip_nonfinite and not torch.isfinite(grad_norm):
+            if zero_grad:
+                self.zero_grad()
+            return False
         for group in self.param_groups:
             params = self._params_with_grad(group)
             if not params:
@@ -92,15 +99,20 @@ class SAM(Optimizer):
                 self.state[p]["climbed"] = True
         if zero_grad:
             self.zero_grad()
+        return True
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """w <- w (undo the climb), then the base optimizer step with the gradient taken at w + e_w."""
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """w <- w (undo the climb), then the base optimizer step with the gradient taken at w + e_w (through
+        ``scaler.step`` in fp16 training: unscaled, and skipped on inf/NaN)."""
         for group in self.param_groups:
             climbed = [p for p in group["params"] if self.state[p].pop("climbed", False)]
             if climbed:  # w + e - e != w in floating point: copy the saved w back
                 torch._foreach_copy_(climbed, [self.state[p]["old_p"] for p in climbed])
-        self.base_optimizer.step()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler.step(self.base_optimizer)
         if zero_grad:
             self.zero_grad()
 
@@ -148,7 +160,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 def sam_train_step(model: nn.Module, optimizer: SAM, compute_loss: Callable[[], torch.Tensor],
                    clip_grad_norm: float | None = None,
                    autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                   ) -> torch.Tensor:
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One SAM update; returns the loss at w (first pass), detached.
 
     ``compute_loss`` runs the forward pass and returns a scalar loss; it is called twice (at w, then at w + e_w),
@@ -156,17 +168,27 @@ def sam_train_step(model: nn.Module, optimizer: SAM, compute_loss: Callable[[], 
     float32's range, so no GradScaler). BN running stats update on the first pass only. Gradients are clipped to
     ``clip_grad_norm`` (if set) just before the second step, i.e. the gradient that updates the weights; clipping
     the first pass would not change e_w, which is normalised anyway.
+
+    fp16 (``scaler``, a torch.amp.GradScaler): both passes backpropagate the scaled loss; the climb needs no
+    unscaling (e_w is scale-free); the second step goes through the scaler. An overflow in the first pass skips the
+    whole update and backs the scale off, as the scaler does for an overflow in the second.
     """
     with autocast_ctx():
         loss = compute_loss()
-    loss.backward()
-    optimizer.first_step(zero_grad=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if not optimizer.first_step(zero_grad=True, skip_nonfinite=scaler is not None):
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        return loss.detach()
     with frozen_bn_stats(model):
         with autocast_ctx():
             adversarial_loss = compute_loss()
-        adversarial_loss.backward()
+        (adversarial_loss if scaler is None else scaler.scale(adversarial_loss)).backward()
     if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer.base_optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-    optimizer.second_step(zero_grad=True)
+    optimizer.second_step(zero_grad=True, scaler=scaler)
+    if scaler is not None:
+        scaler.update()
     return loss.detach()

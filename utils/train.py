@@ -9,9 +9,10 @@ prediction). The ensemble stage (utils.ensemble) averages those over checkpoints
 
 Batches travel as uint8 and are normalised on the device (utils.augment.Normalizer): 4x less to pin and copy than
 float32 (12x with gray slices, replicated to 3 channels there). channels_last on both devices (measured on this
-project's 2-core CPU: 5-15 % faster for resnet10t/18 at 64-96 px). On a GPU: bf16 autocast (no GradScaler: bf16 has
-fp32's range, which also keeps SAM's two passes simple), pinned memory, non-blocking copies, persistent workers,
-cudnn.benchmark. On a CPU: fp32, no loader workers by default (they would compete with the model for the cores).
+project's 2-core CPU: 5-15 % faster for resnet10t/18 at 64-96 px). On a GPU: bf16 autocast where the GPU computes
+bf16 (no GradScaler: bf16 has fp32's range), fp16 with a GradScaler on older GPUs (T4, V100, P100; `amp_dtype`),
+pinned memory, non-blocking copies, persistent workers, cudnn.benchmark. On a CPU: fp32, no loader workers by
+default (they would compete with the model for the cores).
 
 Resume: a killed run, rerun, continues after the last finished epoch (`state.pt`: optimizer incl. SAM's base
 optimizer momentum, scheduler, history, and the weights, or at a kept epoch the name of its checkpoint: the
@@ -104,11 +105,31 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training and inference on `device`, None for float32 (TrainConfig.amp_dtype)."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype != "auto":
+        return getattr(torch, cfg.amp_dtype)
+    if device.type != "cuda":
+        return None  # bf16 on a CPU is slower than fp32 on most CPUs
+    # Before compute capability 8 (T4, V100, P100) torch emulates bf16: slower than fp32, while fp16 runs on the
+    # tensor cores of T4 and V100. ROCm GPUs compute bf16.
+    native_bf16 = torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA when cfg.amp; fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    if cfg.amp and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    """Autocast to `amp_dtype` when it is not float32; a no-op context otherwise."""
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 training needs loss scaling (fp16 ends at 65504 and small gradients underflow); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if amp_dtype(cfg, device) == torch.float16 else None
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
@@ -219,6 +240,7 @@ class StepRunner:
         # the previous pass's backward, which is when torch starts a new graph iteration by itself.
         self.forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
         self.normalizer = augment.Normalizer(cfg.in_chans)
+        self.scaler = grad_scaler(cfg, device)
 
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses.check_targets(targets)  # on the host: a NaN/out-of-range label fails here, with no GPU sync
@@ -241,13 +263,23 @@ class StepRunner:
         if not self.model.training:  # predict() leaves it in eval mode; walking the modules every step is waste
             self.model.train()
         if isinstance(self.optimizer, sam.SAM):
-            sam.sam_train_step(self.model, self.optimizer, compute_loss, clip_grad_norm=self.cfg.clip_grad)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            compute_loss().backward()
-            if self.cfg.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            sam.sam_train_step(self.model, self.optimizer, compute_loss, clip_grad_norm=self.cfg.clip_grad,
+                               scaler=self.scaler)
+            return parts
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss()
+        if self.scaler is None:
+            loss.backward()
+        else:  # torch's AMP recipe: scaled backward, unscale before clipping, a step skipped on inf/NaN gradients
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        if self.scaler is None:
             self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return parts
 
 
@@ -293,7 +325,7 @@ def load_checkpoint(fold_dir: Path, epoch: int, device: torch.device | str = "cp
 
 
 # Fields that change how a run executes but not what it learns: a fold may be resumed with other values.
-EXECUTION_ONLY_FIELDS = {"folds", "num_workers", "compile", "device"}
+EXECUTION_ONLY_FIELDS = {"folds", "num_workers", "compile", "device", "amp_dtype"}
 
 
 def _has_results(fold_dir: Path) -> bool:
@@ -372,6 +404,8 @@ class _FoldTraining:
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.runner.scaler is not None and "grad_scaler" in state:  # fp16: resume with the loss scale reached
+            self.runner.scaler.load_state_dict(state["grad_scaler"])
         log.info("%s resuming after epoch %d (from %s)", self.name, state["epoch"] + 1, self.state_path)
         return state["epoch"] + 1, list(state["history"])
 
@@ -401,6 +435,8 @@ class _FoldTraining:
         """The epoch's checkpoint when kept, then the resume state (weights by reference to that checkpoint)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
                  "history": history}
+        if self.runner.scaler is not None:
+            state["grad_scaler"] = self.runner.scaler.state_dict()
         if epoch in kept_epochs(self.cfg):
             path = files.save_torch(self.model.state_dict(), checkpoint_path(self.fold_dir, epoch), record=True)
             state["model_file"] = path.name
