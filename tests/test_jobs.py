@@ -97,6 +97,21 @@ def test_slots_pin_each_job_process_to_its_gpu():
         jobs.Runner(jobs_per_gpu=0)
 
 
+def test_a_job_out_of_gpu_memory_says_how_to_rerun(monkeypatch, tmp_path):
+    from utils import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine = logging.getLogger("utils")
+    monkeypatch.setattr(jobs, "_route_logs_to_client", lambda: (engine, engine.handlers[:]))  # no Dask worker here
+    monkeypatch.setattr(jobs, "_job_data", lambda job, cfg: (None, {}, None))
+    monkeypatch.setattr(train, "train_fold", out_of_memory)
+    job = jobs.TrainJob(TrainConfig(model_name="big", **TINY).to_dict(), 1, str(tmp_path), None, str(tmp_path))
+    with pytest.raises(jobs.JobFailed, match=r"big fold 1: OutOfMemoryError: CUDA out of memory.*\n.*--jobs-per-gpu"):
+        jobs.run_train_job(job)
+
+
 def test_cores_are_those_the_process_may_use_not_the_machines(monkeypatch):
     """A 3-CPU job (taskset, a container's or Slurm's cpuset) on a 64-core node: threads and loader workers are
     sized from the 3 CPUs."""

@@ -205,6 +205,10 @@ def _job_data(job: TrainJob, cfg: TrainConfig):
                                     progress=False, predict=job.predict)
 
 
+OUT_OF_MEMORY_HINT = ("\nThe GPU ran out of memory: rerun with fewer trainings per card (--jobs-per-gpu, down to 1) "
+                      "or a smaller batch_size; the finished folds are reused and the others resume.")
+
+
 def run_train_job(job: TrainJob) -> str | None:
     """A worker's job: train (or reuse) one fold. Returns its label (None: not started, past the deadline);
     raises JobFailed with the traceback text."""
@@ -228,7 +232,8 @@ def run_train_job(job: TrainJob) -> str | None:
                          predict_splits, pseudo, progress=False)
         return job.label
     except Exception as error:
-        raise JobFailed(f"{job.label}: {type(error).__name__}: {error}\n{traceback.format_exc()}") from None
+        hint = OUT_OF_MEMORY_HINT if isinstance(error, torch.OutOfMemoryError) else ""
+        raise JobFailed(f"{job.label}: {type(error).__name__}: {error}{hint}\n{traceback.format_exc()}") from None
     finally:
         engine.handlers = saved
 
