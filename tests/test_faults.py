@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -180,6 +181,59 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         temporary.write_text("half")
         raise Boom
     assert target.read_text() == "old\n" and temporary_files(tmp_path) == []
+
+
+REWRITE = ("import sys; from utils import files; "
+           "[files.write_bytes(sys.argv[1], version, record=True) for version in (b'version 1', b'version 22')]")
+
+
+# The renames of one recorded rewrite (v1 -> v2), in order: 1-2 integrity.json announce/commit of v1, 3 announce of
+# v2, then kept.bin's own rename, 4 the commit of v2. A kill before any of them leaves a file its record accepts.
+@pytest.mark.parametrize("kill_at, content_after", [
+    ("integrity.json:3", b"version 1"),  # before v2 is announced
+    ("kept.bin:2", b"version 1"),  # v2 announced, not renamed in: the record still accepts v1
+    ("integrity.json:4", b"version 22"),  # v2 renamed in, not committed (the CI failure of stop 17: a job killed
+                                          # by its neighbour's kill left a file its record refused)
+])
+def test_a_kill_between_a_file_and_its_record_leaves_them_agreeing(tmp_path, kill_at, content_after):
+    kept = tmp_path / "kept.bin"
+    killed = subprocess.run([sys.executable, "-c", REWRITE, str(kept)], cwd=REPO_ROOT, start_new_session=True,
+                            env={**os.environ, "PERCOVID_KILL_AT": kill_at}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    files.remove_debris(tmp_path)
+    assert files.verify(kept, "") == kept and kept.read_bytes() == content_after
+    assert files.verify_folder(tmp_path, "") == [kept] and temporary_files(tmp_path) == []
+    files.write_bytes(kept, b"version 333", record=True)  # the rerun's write: one committed digest again
+    assert list(files._records(tmp_path)[kept.name]) == ["sha256", "size"]
+    kept.write_bytes(b"version 1")  # an older content that a pending digest once accepted: refused now
+    with pytest.raises(files.IntegrityError, match="kept.bin is corrupt"):
+        files.verify(kept, "")
+
+
+def test_a_file_killed_before_its_first_rename_is_not_missing(tmp_path):
+    kept = tmp_path / "kept.bin"
+    killed = subprocess.run([sys.executable, "-c", REWRITE, str(kept)], cwd=REPO_ROOT, start_new_session=True,
+                            env={**os.environ, "PERCOVID_KILL_AT": "kept.bin:1"}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not kept.exists() and files.verify_folder(tmp_path, "") == []
+
+
+def test_forget_drops_the_record_before_the_file(tmp_path, monkeypatch):
+    kept = files.write_bytes(tmp_path / "state.pt", b"resume", record=True)
+    other = files.write_bytes(tmp_path / "predictions.csv", b"a\n", record=True)
+    real_unlink = Path.unlink
+
+    def killed_at_its_unlink(self, missing_ok=False):
+        if self == kept:
+            raise KeyboardInterrupt("killed")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed_at_its_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        files.forget(kept)
+    monkeypatch.undo()
+    # the leftover is unrecorded, and the folder's recorded files still verify (a finished fold is reusable)
+    assert kept.exists() and files.verify_folder(tmp_path, "") == [other]
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00"])

@@ -117,10 +117,11 @@ def greedy_selection(per_model: pd.DataFrame, truth: pd.DataFrame, max_models: i
 
 
 def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence[str], stem: str = "ensemble") -> Path:
-    """Save the ensemble's predictions (split, name, prediction) and the models it averaged."""
+    """Save the ensemble's predictions (split, name, prediction) and the models it averaged; the model list last:
+    it marks the ensemble finished (utils.predict, 04), so a kill between the two never leaves a stale csv behind it."""
     out_dir = Path(out_dir)
-    files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
     files.write_text(out_dir / f"{stem}.csv", combined.to_csv(index=False))
+    files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
     return out_dir / f"{stem}.csv"
 
 

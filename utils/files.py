@@ -8,7 +8,11 @@ folder; no debris.
 * **Integrity.** Files whose loss would silently corrupt results (kept checkpoints, resume states, predictions) are
   written with `record=True`: their size and SHA-256 go to `integrity.json` in the same folder. `verify` compares a
   file with its record before it is reused, ensembled, exported or loaded for prediction; a mismatch is an
-  `IntegrityError` naming the file and the way out.
+  `IntegrityError` naming the file and the way out. The record is journaled so that no kill can leave a file and
+  its record disagreeing: the new content's digest is added to the record as *pending* before the rename, and made
+  the only one after it; `verify` accepts the committed digest or a pending one (a kill fell between the steps).
+  `forget` drops the record before the file, so a kill between leaves an unrecorded leftover, never a record of a
+  missing file.
 * **One run per folder.** `RunLock` holds an exclusive `flock` on `<folder>/.lock` for the life of a run and writes
   its pid and host there. A second run on the same folder stops at once; a lock file left by a dead process (the
   kernel releases a dead process's flock) is taken over with a message.
@@ -84,26 +88,30 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, record: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write (a file or a folder); on success it replaces `path`, on any error it is
-    removed and `path` is left as it was."""
+    removed and `path` is left as it was. `record=True` (a file): its integrity record, journaled around the
+    rename (module docstring)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = temp_path(target)
     _remove(temporary)  # a leftover of an earlier process that had this pid
     try:
         yield temporary
+        entry = _announce(target, temporary) if record else None
         _fault_point(target)
         os.replace(temporary, target)
     except BaseException:
         _remove(temporary)
         raise
+    if entry is not None:
+        _commit(target, entry)
 
 
 def write_bytes(path: str | os.PathLike, payload: bytes, record: bool = False) -> Path:
-    with atomic_path(path) as temporary:
+    with atomic_path(path, record=record) as temporary:
         temporary.write_bytes(payload)
-    return _recorded(Path(path), record)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str, record: bool = False) -> Path:
@@ -114,9 +122,9 @@ def write_text(path: str | os.PathLike, text: str, record: bool = False) -> Path
 def save_torch(obj: Any, path: str | os.PathLike, record: bool = False) -> Path:
     import torch
 
-    with atomic_path(path) as temporary:
+    with atomic_path(path, record=record) as temporary:
         torch.save(obj, temporary)
-    return _recorded(Path(path), record)
+    return Path(path)
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, Any], compressed: bool = True) -> Path:
@@ -158,29 +166,44 @@ def _records(folder: Path) -> dict[str, dict[str, Any]]:
                              f"rerun what wrote them (for a fold: delete {folder}, or rerun with --force)") from None
 
 
-def record(path: str | os.PathLike) -> dict[str, Any]:
-    """Store `path`'s size and SHA-256 in its folder's integrity.json (one writer per folder: its fold's job)."""
-    path = Path(path)
-    records = _records(path.parent)
-    entry = {"size": path.stat().st_size, "sha256": file_digest(path)}
-    records[path.name] = entry
-    write_text(path.parent / INTEGRITY_FILE, json.dumps(records, indent=1, sort_keys=True) + "\n")
+def _write_records(folder: Path, records: Mapping[str, Any]) -> None:
+    write_text(folder / INTEGRITY_FILE, json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def _entry_of(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def _announce(target: Path, temporary: Path) -> dict[str, Any]:
+    """Before `temporary` replaces `target`: add its digest to target's record as pending (one writer per folder:
+    its fold's job). Pending digests accumulate only while kills fall between announce and commit."""
+    entry = _entry_of(temporary)
+    records = _records(target.parent)
+    current = records.get(target.name, {})
+    records[target.name] = {**current, "pending": [*current.get("pending", []), entry]}
+    _write_records(target.parent, records)
     return entry
 
 
+def _commit(target: Path, entry: dict[str, Any]) -> None:
+    """After the rename: the new digest is the record, the older ones are dropped."""
+    records = _records(target.parent)
+    records[target.name] = entry
+    _write_records(target.parent, records)
+
+
 def forget(path: str | os.PathLike) -> None:
-    """Delete a recorded file and its record (a resume state that is no longer needed)."""
+    """Delete a recorded file and its record (a resume state that is no longer needed); the record goes first."""
     path = Path(path)
     records = _records(path.parent)
-    path.unlink(missing_ok=True)
     if records.pop(path.name, None) is not None:
-        write_text(path.parent / INTEGRITY_FILE, json.dumps(records, indent=1, sort_keys=True) + "\n")
+        _write_records(path.parent, records)
+    path.unlink(missing_ok=True)
 
 
-def _recorded(path: Path, record_it: bool) -> Path:
-    if record_it:
-        record(path)
-    return path
+def _accepted(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The digests a file may have: the committed one, then any pending (a kill fell between announce and commit)."""
+    return ([entry] if "sha256" in entry else []) + list(entry.get("pending", []))
 
 
 def verify(path: str | os.PathLike, way_out: str) -> Path:
@@ -199,21 +222,27 @@ def verify(path: str | os.PathLike, way_out: str) -> Path:
 
 
 def check_entry(path: str | os.PathLike, entry: Mapping[str, Any], way_out: str) -> Path:
-    """`path` against a record {size, sha256} (integrity.json's, or an export manifest's)."""
+    """`path` against a record {size, sha256} (integrity.json's, or an export manifest's), or a pending one."""
     path = Path(path)
+    accepted = _accepted(entry)
+    recorded = accepted[0]
     if not path.is_file():
-        raise IntegrityError(f"{path} is missing (recorded: {entry['size']} bytes); {way_out}")
+        raise IntegrityError(f"{path} is missing (recorded: {recorded['size']} bytes); {way_out}")
     size = path.stat().st_size
-    if size != entry["size"] or file_digest(path) != entry["sha256"]:
-        raise IntegrityError(f"{path} is corrupt: {size} bytes, recorded {entry['size']} bytes with sha256 "
-                             f"{entry['sha256'][:12]}... when written (truncated or changed since); {way_out}")
+    candidates = [e for e in accepted if e["size"] == size]
+    if not candidates or file_digest(path) not in {e["sha256"] for e in candidates}:
+        raise IntegrityError(f"{path} is corrupt: {size} bytes, recorded {recorded['size']} bytes with sha256 "
+                             f"{recorded['sha256'][:12]}... when written (truncated or changed since); {way_out}")
     return path
 
 
 def verify_folder(folder: str | os.PathLike, way_out: str) -> list[Path]:
     """Verify every file recorded in `folder`; returns them."""
     folder = Path(folder)
-    return [verify(folder / name, way_out) for name in sorted(_records(folder))]
+    records = _records(folder)
+    # a file only ever announced (killed before its first rename) does not exist yet: nothing to verify
+    return [verify(folder / name, way_out) for name, entry in sorted(records.items())
+            if "sha256" in entry or (folder / name).exists()]
 
 
 def load_torch(path: str | os.PathLike, way_out: str, map_location: Any = "cpu") -> Any:

@@ -463,6 +463,7 @@ def _predict_with_kept_checkpoints(cfg: TrainConfig, fold_dir: Path, splits: dic
 def _reuse_fold(cfg: TrainConfig, fold: int, fold_dir: Path, predict_splits: dict[str, SplitImages]) -> pd.DataFrame:
     """A finished fold's predictions, after verifying its files; new Val/Test slices are predicted and added."""
     predictions_csv = fold_dir / "predictions.csv"
+    files.forget(fold_dir / "state.pt")  # left over when a kill fell inside the finishing forget
     files.verify_folder(fold_dir, _way_out(fold_dir))
     predictions = pd.read_csv(predictions_csv, dtype={"name": str})
     new = {}
