@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the whole recipe from a fresh clone.
-#   ./run_all.sh [--profile NAME] [--data DIR] [--name RUN] [--force] [-p KEY VALUE]... [--jobs N] ...
-#                                                               the pipeline -> submissions/<name>.csv (--help: all options)
-#   ./run_all.sh --test [PYTEST ARGS]...                        the lint (ruff) and the test suite
-# Both create .venv from requirements.txt (+ this project, editable) when it is missing or requirements.txt changed.
+#   ./run_all.sh [--profile NAME] [--data DIR] [--name RUN] [--workdir DIR] [--force] [-p KEY VALUE]... [--jobs N] ...
+#                                              the pipeline -> <workdir>/submissions/<name>.csv (--help: all options)
+#   ./run_all.sh --test [PYTEST ARGS]...       the lint (ruff) and the test suite (-m "not slow": the fast lane)
+#   ./run_all.sh --no-venv ...                 either, in the current Python environment (Kaggle, Colab): installs only
+#                                              what is missing (never torch), writes nothing into the checkout
+# Without --no-venv both create .venv from requirements.txt (+ this project, editable) when it is missing or
+# requirements.txt changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PYTHONUNBUFFERED=1
@@ -13,30 +16,71 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 KERNEL=percovid
 
+# --no-venv may stand anywhere; --workdir is also the pipeline's (it is passed on)
+NO_VENV=0
+WORKDIR=""
+args=()
+previous=""
+for arg in "$@"; do
+  case "$arg" in
+    --no-venv) NO_VENV=1 ;;
+    --workdir=*) WORKDIR=${arg#--workdir=}; args+=("$arg") ;;
+    *) [ "$previous" = --workdir ] && WORKDIR=$arg; args+=("$arg") ;;
+  esac
+  previous=$arg
+done
+if [ ${#args[@]} -gt 0 ]; then set -- "${args[@]}"; else set --; fi
+
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "error: $PYTHON is missing or older than Python 3.10 (tested with 3.11); set PYTHON=/path/to/python3.11" >&2
   exit 1
 fi
 
-# pip prints one harmless warning per package for this machine's unused local indexes: keep logs readable.
-quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+if [ "$NO_VENV" = 1 ]; then
+  # The current environment: the checkout is imported in place (PYTHONPATH), bytecode and the Jupyter kernel live
+  # in the workdir, so a read-only checkout (a Kaggle dataset) works.
+  if [ -z "$WORKDIR" ]; then
+    if [ ! -w . ]; then
+      echo "error: the checkout $(pwd) is read-only: pass --workdir DIR (e.g. /kaggle/working) for the outputs" >&2
+      exit 1
+    fi
+    WORKDIR=$(pwd)
+  fi
+  mkdir -p "$WORKDIR"
+  WORKDIR=$(cd "$WORKDIR" && pwd)
+  export PERCOVID_WORKDIR="$WORKDIR" PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPYCACHEPREFIX="$WORKDIR/.cache/pycache" JUPYTER_PATH="$WORKDIR/.cache/jupyter/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+  PY=$PYTHON
+  "$PY" -m utils.requirements requirements.txt --install
+  "$PY" -m ipykernel install --prefix "$WORKDIR/.cache/jupyter" --name "$KERNEL" \
+    --display-name "Python (percovid, current environment)" >/dev/null
+  RUFF=("$PY" -m ruff check --no-cache)
+  PYTEST_CACHE=(-p no:cacheprovider)
+else
+  # pip prints one harmless warning per package for this machine's unused local indexes: keep logs readable.
+  quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-wanted=$(cat requirements.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$wanted" ]; then
-  echo "setting up $VENV from requirements.txt (first run: a few minutes, ~6 GB with torch)"
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  quiet_pip install --quiet --upgrade pip
-  quiet_pip install --quiet -r requirements.txt
-  # The project itself, editable: `import utils` works in every notebook, kernel and Dask worker of the venv.
-  quiet_pip install --quiet --no-deps -e .
-  # A kernel registered inside the venv, so papermill (-k percovid) runs the notebooks with these packages.
-  "$VENV/bin/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "Python (percovid .venv)" >/dev/null
-  echo "$wanted" > "$VENV/.requirements.sha256"   # written last: an interrupted install is redone next time
+  wanted=$(cat requirements.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
+  if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$wanted" ]; then
+    echo "setting up $VENV from requirements.txt (first run: a few minutes, ~6 GB with torch)"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    quiet_pip install --quiet --upgrade pip
+    quiet_pip install --quiet -r requirements.txt
+    # The project itself, editable: `import utils` works in every notebook, kernel and Dask worker of the venv.
+    quiet_pip install --quiet --no-deps -e .
+    # A kernel registered inside the venv, so papermill (-k percovid) and Jupyter run the notebooks with these packages.
+    "$VENV/bin/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "Python (percovid .venv)" >/dev/null
+    echo "$wanted" > "$VENV/.requirements.sha256"   # written last: an interrupted install is redone next time
+  fi
+  [ -z "$WORKDIR" ] || export PERCOVID_WORKDIR="$WORKDIR"
+  PY=$VENV/bin/python
+  RUFF=("$VENV/bin/ruff" check)
+  PYTEST_CACHE=()
 fi
 
 if [ "${1:-}" = "--test" ]; then
   shift
-  "$VENV/bin/ruff" check --quiet utils tests notebooks
-  exec "$VENV/bin/python" -m pytest "$@"
+  "${RUFF[@]}" --quiet utils tests notebooks
+  exec "$PY" -m pytest ${PYTEST_CACHE[@]+"${PYTEST_CACHE[@]}"} "$@"
 fi
-exec "$VENV/bin/python" -m utils.pipeline --kernel "$KERNEL" "$@"
+exec "$PY" -m utils.pipeline --kernel "$KERNEL" "$@"

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 10 and 14, as device calls of one script. NOT run by CI (it needs a lent GPU machine).
+# The GPU checks, as device calls of one script. NOT run by CI (it needs a GPU machine).
 #
 # Prepare on the development machine (the device machine has no network and no ../shared; a call carries 64 MiB):
 #   printf '/.whl/\n/.devdata/\n' >> .git/info/exclude
 #   mkdir -p .whl && cp ../shared/device-wheels-py312/*.whl .whl/ && rm .whl/jedi-* .whl/debugpy-*  # 16 MB
 #   python .ci/device_data.py pack ../shared/per-covid19/crops 144 .devdata/crops144.tar   # gpu_profile: 46 MiB
 #   python -m utils.sweep pack --data ../shared/per-covid19/crops --sizes 144 --out .devdata/train144.npz  # search
+#   python .ci/device_data.py pack ../shared/per-covid19/crops 224 .devdata/c224.tar 46   # gpu224: 3 parts, 109 MiB
 # Then device calls carrying [".whl", ".devdata"], in this order (15 device minutes a session, 10 a call):
 #   1. PARTS="bench paper" bash .ci/gpu_checks.sh     timeout_s 570   (4 + 4.5 min at most)
 #   2. PARTS=compile bash .ci/gpu_checks.sh           timeout_s 330   (what is left: 2 x 2.5 min at most)
+# The accuracy run at the crops' own 224 px (the lossless gray carry is ~109 MiB): three calls back to back, the
+# machine kept warm between them, each carrying [".whl", ".devdata/c224.partN.tar"] (.whl in the first only):
+#   a. PARTS=unpack DATA_TAR=.devdata/c224.part1.tar bash .ci/gpu_checks.sh       timeout_s 120
+#   b. PARTS=unpack DATA_TAR=.devdata/c224.part2.tar bash .ci/gpu_checks.sh       timeout_s 120
+#   c. PARTS="unpack gpu224" DATA_TAR=.devdata/c224.part3.tar bash .ci/gpu_checks.sh   timeout_s 600
 # Each part has its own time limit (below) and prints its figures as they are measured, so a part stopped by its
 # limit still reports what it had; the parts run in the order PARTS lists them.
 #
@@ -25,15 +31,20 @@
 #   gpu_profile  the `gpu` profile end to end on the real crops (Train + Val), 10 jobs per GPU: gpu.log, val_gpu.csv,
 #                gpu_run.tar.gz. (Ran on an H200 on 2026-11-27: 301 s.)
 #   search       the search_gpu profile's paired 5-fold CV (Table 1 at GPU scale): search_gpu_cv_summary.csv.
+#   unpack       add DATA_TAR's slices to $CARRIED (outside the checkout: it stays while the machine is warm).
+#   gpu224       the `gpu` profile at 224 px (-p img_size 224) on $CARRIED, 10 jobs per GPU, then the Val
+#                submission with 90 % intervals: gpu224.log, val_gpu224.csv, val_gpu224_intervals.csv,
+#                gpu224_cv.csv (the out-of-fold table, per severity class), gpu224_run.tar.gz.
 # On a CPU machine, QUICK=1 DEVICE=cpu DATA_TAR=small.tar runs the same flow at toy sizes (a check of the script).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_checks}; DEVICE=${DEVICE:-cuda}; QUICK=${QUICK:-0}; PY=${PY:-python3}
 PARTS=${PARTS:-bench paper}
 BENCH_LIMIT=${BENCH_LIMIT:-240}; PAPER_LIMIT=${PAPER_LIMIT:-270}; COMPILE_LIMIT=${COMPILE_LIMIT:-150}
-PIPELINE_LIMIT=${PIPELINE_LIMIT:-380}; SEARCH_LIMIT=${SEARCH_LIMIT:-540}
+PIPELINE_LIMIT=${PIPELINE_LIMIT:-380}; SEARCH_LIMIT=${SEARCH_LIMIT:-540}; GPU224_LIMIT=${GPU224_LIMIT:-540}
 COMPILE_MODES=${COMPILE_MODES:-reduce-overhead default}
 DATA_TAR=${DATA_TAR:-.devdata/crops144.tar}; SEARCH_NPZ=${SEARCH_NPZ:-.devdata/train144.npz}
+CARRIED=${CARRIED:-/tmp/carried_crops}
 mkdir -p "$OUT"
 stamp() { echo "$(date +%s) $*" >> "$OUT/timeline.txt"; }
 stamp start
@@ -102,9 +113,28 @@ part_search() {  # Table 1 at GPU scale (needs .devdata/train144.npz, see the to
   cp runs/search_gpu/cv_summary.csv "$OUT/search_gpu_cv_summary.csv" 2>/dev/null
 }
 
+part_unpack() {
+  mkdir -p "$CARRIED" && $PY .ci/device_data.py unpack "$DATA_TAR" "$CARRIED" >> "$OUT/unpack.log" 2>&1
+  echo "unpack exit $? ($(find "$CARRIED" -name '*.png' | wc -l) slices in $CARRIED)" >> "$OUT/unpack.log"
+}
+
+part_gpu224() {
+  local size=(-p img_size 224); [ "$QUICK" = 1 ] && size=()  # the toy run sets its own
+  timeout "$GPU224_LIMIT" $PY -m utils.pipeline --profile gpu --data "$CARRIED" --name gpu224 --force \
+    --kernel python3 --jobs-per-gpu 10 -p device "$DEVICE" "${size[@]}" "${TOY[@]}" > "$OUT/gpu224.log" 2>&1
+  echo "pipeline exit $?" >> "$OUT/gpu224.log"
+  cp submissions/gpu224.csv "$OUT/val_gpu224.csv" 2>/dev/null
+  $PY -m utils.predict runs/gpu224/export "$CARRIED/Val" --out "$OUT/val_gpu224_intervals.csv" --interval 0.9 \
+    --device "$DEVICE" >> "$OUT/gpu224.log" 2>&1
+  $PY -c "from utils import sweep; sweep.cv_table('runs/gpu224', complete_only=False).to_csv('$OUT/gpu224_cv.csv')" \
+    >> "$OUT/gpu224.log" 2>&1
+  tar -czf "$OUT/gpu224_run.tar.gz" --exclude='*.pt' --exclude='*.pth' --exclude=export --exclude=.lock \
+    runs/gpu224 2>/dev/null
+}
+
 for part in $PARTS; do
   if ! declare -F "part_$part" > /dev/null; then
-    echo "unknown part '$part': choose from bench paper compile gpu_profile search" >&2; exit 2
+    echo "unknown part '$part': choose from bench paper compile gpu_profile search unpack gpu224" >&2; exit 2
   fi
   stamp "$part"
   "part_$part"

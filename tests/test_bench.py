@@ -34,6 +34,7 @@ def tiny_run(tmp_path_factory):
     return result, json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_figure(tiny_run):
     result, written = tiny_run
     assert written == json.loads(json.dumps(result))  # the JSON holds the returned figures
@@ -45,6 +46,7 @@ def test_tiny_run_measures_every_figure(tiny_run):
     assert result["precision"] == "float32" and result["channels_last"]  # autocast "auto" is GPU-only
 
 
+@pytest.mark.slow
 def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):
     r, _ = tiny_run
     a, b, c = r["model_img_s"], r["pipeline_img_s"], r["bare_img_s"]
@@ -73,6 +75,7 @@ def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):
     assert 0.5 <= r["wall_ratio_2gpu"] < 1
 
 
+@pytest.mark.slow
 def test_tiny_run_concurrent_processes(tiny_run):
     result, written = tiny_run
     assert set(written["concurrent"]) == {"1", "2"}  # JSON keys are strings

@@ -152,11 +152,33 @@ def test_notebook_parameters_are_the_settings_with_their_defaults(notebook):
             f"{owners[name].__name__}'s default {owners[name].defaults()[name]!r}"
 
 
-def test_02_train_declares_every_training_setting_and_no_notebook_edits_sys_path():
-    assert set(_parameters(REPO_ROOT / "notebooks" / "02_train.ipynb")) == \
-        set(TrainConfig.field_names()) | {"data_dir", "run_dir", "cache_dir"}
-    for notebook in NOTEBOOKS:
-        assert "sys.path" not in notebook.read_text(), notebook.name
+RECIPE_PARAMETERS = {"profile", "overrides", "data_dir", "run_dir", "cache_dir"}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_takes_its_recipe_from_a_profile_and_runs_the_demo_by_default(notebook):
+    """One parameters cell: the profile (the one place recipes are written), overrides checked like -p, the paths;
+    opened in Jupyter, the defaults are the demo (minutes on a CPU), in the project's own kernel."""
+    parameters = _parameters(notebook)
+    assert RECIPE_PARAMETERS <= set(parameters)
+    assert parameters["profile"] == "demo" and parameters["overrides"] == {}
+    extra = {"02_train": {"train_models", "role"}, "04_pseudo_label": {"role"}, "05_submit": {"submission_csv"},
+             "06_explain": {"interval_level", "worst_slices", "scans_csv"}}
+    assert set(parameters) - RECIPE_PARAMETERS == extra.get(notebook.stem, set())
+    assert json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"] == "percovid"
+    assert "sys.path" not in notebook.read_text(), notebook.name
+
+
+def test_the_pipeline_passes_notebooks_only_what_they_declare_and_reports_from_02_and_04(tmp_path):
+    from utils import runs
+
+    run = runs.resolve("demo", {"epochs": 3}, run_dir=tmp_path / "r")
+    steps = pipeline.plan(run, tmp_path / "s.csv", pipeline.STAGES)
+    reports = [s for s in steps if s.notebook in ("02_train", "04_pseudo_label")]
+    assert reports and all(s.parameters["role"] == "report" for s in reports)
+    assert [s.parameters["train_models"] for s in steps if s.notebook == "02_train"] == \
+        [["resnet18_ldl_hybrid"], ["resnet18_reg_avg_sam"], ["resnet18_ldl_hybrid_pl"]]
+    assert all(s.parameters["overrides"] == {"epochs": 3} for s in steps if s.notebook)
 
 
 def test_every_setting_is_defined_once():

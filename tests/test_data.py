@@ -324,8 +324,9 @@ def test_cached_images_match_load_image_and_are_read_only(small_split, tmp_path)
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
     expected = np.stack([data.load_image(p, 16, 3) for p in small_split["path"]])
     np.testing.assert_array_equal(images, expected)
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and re.fullmatch(r"train_[0-9a-f]{8}_16px_3ch_[0-9a-f]{12}\.npy", files[0])
+    files = sorted(p.name for p in cache.iterdir())  # the cache and its per-image digests
+    assert len(files) == 2 and re.fullmatch(r"train_[0-9a-f]{8}_16px_3ch_[0-9a-f]{12}\.npy", files[0])
+    assert files[1] == files[0] + data.DIGEST_SUFFIX
     parallel = data.cached_images(small_split, tmp_path / "cache2", 16, 3, "Train", num_workers=2)
     np.testing.assert_array_equal(parallel, expected)
 
@@ -359,8 +360,9 @@ def test_cached_images_reuse_and_invalidation(small_split, tmp_path, monkeypatch
     assert len(calls) == 6
     assert (rebuilt[2] == 7).all()
     np.testing.assert_array_equal(np.delete(np.asarray(rebuilt), 2, axis=0), np.delete(first, 2, axis=0))
-    names = sorted(p.name for p in cache.iterdir())
+    names = sorted(p.name for p in cache.glob("*.npy"))
     assert len(names) == 2 and sum("_16px_1ch_" in n for n in names) == 1
+    assert len(list(cache.glob("*" + data.DIGEST_SUFFIX))) == 2  # the old cache's digests went with it
 
     # Only the modification time changed: rebuilt too (the key cannot see content without decoding).
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000_000))
@@ -410,7 +412,7 @@ def test_cached_images_ignore_stale_tmp(small_split, tmp_path):
     mine.write_bytes(b"left over by this pid")
     images = data.cached_images(small_split, cache, 16, 1, "Train")
     assert images.shape == (6, 16, 16, 1)
-    assert sorted(p.name for p in cache.iterdir()) == [target.name]
+    assert sorted(p.name for p in cache.iterdir()) == [target.name, target.name + data.DIGEST_SUFFIX]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The fault suite: SIGKILL the whole pipeline at its worst moments, rerun, and require the submission bytes of an
 uninterrupted run and no stray temporary files; and every bad input of the reliability checklist refused with a
-message naming the file and the way out, never silently reused. The README's reliability paragraph counts these."""
+message naming the file and the way out, never silently reused. docs/reliability.md counts these."""
 import os
 import signal
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from utils import data, files, phantoms, pipeline, report, train
+from utils import data, files, pipeline, report, train
 from utils.config import REPO_ROOT, TrainConfig
 
 # One model, its pseudo-label retrain, 2 folds, 2 epochs on 32 px phantoms; 2 jobs side by side.
@@ -49,10 +49,9 @@ def temporary_files(folder):
 
 
 @pytest.fixture(scope="module")
-def fault_runs(tmp_path_factory):
+def fault_runs(tmp_path_factory, phantom_set):
     root = tmp_path_factory.mktemp("faults")
-    data_dir = root / "phantoms"
-    phantoms.generate_phantoms(data_dir, subjects=8, size=48, seed=7)
+    data_dir = phantom_set
     profile = root / "faults.yaml"
     profile.write_text(yaml.safe_dump(PROFILE))
     reference = run_pipeline(root / "straight", data_dir, profile)
@@ -62,12 +61,14 @@ def fault_runs(tmp_path_factory):
     return root, outcomes, final
 
 
+@pytest.mark.slow
 def test_every_kill_point_was_hit(fault_runs):
     _, outcomes, _ = fault_runs
     assert [o.returncode for o in outcomes] == [-signal.SIGKILL] * len(KILL_POINTS), \
         [(p, o.returncode, o.stderr[-500:]) for p, o in zip(KILL_POINTS, outcomes)]
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_gives_the_same_submission_bytes_and_no_debris(fault_runs):
     root, _, final = fault_runs
     assert final.returncode == 0, final.stderr[-3000:]
@@ -268,5 +269,6 @@ def test_folds_that_the_data_cannot_have_fail_before_writing(tmp_path, capsys):
 def test_a_run_folder_records_what_it_keeps(tmp_path):
     _, _, fold_dir = tiny_fold(tmp_path)
     recorded = set(files._records(fold_dir))
-    assert recorded == {"checkpoint_epoch000.pt", "checkpoint_epoch001.pt", "predictions.csv"}  # state.pt forgotten
+    # state.pt forgotten; inputs.json: what the fold was trained on (data digests), checked before any reuse
+    assert recorded == {"checkpoint_epoch000.pt", "checkpoint_epoch001.pt", "predictions.csv", "inputs.json"}
     assert not (fold_dir / "state.pt").exists()

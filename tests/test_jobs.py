@@ -8,7 +8,7 @@ import pytest
 import torch
 from distributed import LocalCluster
 
-from utils import jobs, phantoms
+from utils import jobs
 from utils.config import RunPaths, TrainConfig
 from utils.data import load_split
 from utils.folds import make_folds, write_folds
@@ -19,10 +19,8 @@ TINY = dict(arch="resnet10t", head="reg", pooling="avg", img_size=32, epochs=2, 
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("jobs_data")
-    phantoms.generate_phantoms(folder / "phantoms", subjects=8, size=48, seed=11)
-    return folder / "phantoms"
+def tiny_data(phantom_set):
+    return phantom_set
 
 
 def new_run(folder, data_dir):
@@ -35,6 +33,7 @@ def predictions(run_dir, model):
     return {fold: (RunPaths(run_dir).fold(model, fold) / "predictions.csv").read_bytes() for fold in (0, 1)}
 
 
+@pytest.mark.slow
 def test_two_jobs_side_by_side_equal_one_at_a_time(tiny_data, tmp_path, caplog):
     cfg = TrainConfig(model_name="m", **TINY)
     serial, parallel = new_run(tmp_path / "serial", tiny_data), new_run(tmp_path / "parallel", tiny_data)
@@ -52,6 +51,7 @@ def test_two_jobs_side_by_side_equal_one_at_a_time(tiny_data, tmp_path, caplog):
     assert "[train] 2/2 jobs finished" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_failing_job_stops_the_stage_naming_it_and_finished_folds_stay(tiny_data, tmp_path):
     run_dir = new_run(tmp_path / "run", tiny_data)
     good = TrainConfig(model_name="good", **TINY)
@@ -76,6 +76,7 @@ def restored_environ():
     os.environ.update(before)
 
 
+@pytest.mark.slow
 def test_jobs_run_on_an_external_scheduler(tiny_data, tmp_path, monkeypatch, restored_environ):
     cfg = TrainConfig(model_name="m", **{**TINY, "folds": [0]})
     run_dir = new_run(tmp_path / "run", tiny_data)
@@ -89,8 +90,9 @@ def test_jobs_run_on_an_external_scheduler(tiny_data, tmp_path, monkeypatch, res
 
 
 def test_slots_pin_each_job_process_to_its_gpu():
+    # GPU-minor: however many jobs there are, the first ones spread over the cards
     assert jobs.Runner(jobs_per_gpu=3, gpus=2).slots(use_gpu=True) == \
-        [{"CUDA_VISIBLE_DEVICES": "0"}] * 3 + [{"CUDA_VISIBLE_DEVICES": "1"}] * 3
+        [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}] * 3
     assert jobs.Runner(gpus=0).slots(use_gpu=True) == [{}]  # no GPU: one job at a time by default
     assert jobs.Runner(jobs=3, gpus=2).slots(use_gpu=False) == [{}, {}, {}]
     with pytest.raises(ValueError, match="at least 1"):
@@ -115,17 +117,18 @@ def test_a_job_out_of_gpu_memory_says_how_to_rerun(monkeypatch, tmp_path):
 def test_cores_are_those_the_process_may_use_not_the_machines(monkeypatch):
     """A 3-CPU job (taskset, a container's or Slurm's cpuset) on a 64-core node: threads and loader workers are
     sized from the 3 CPUs."""
-    from utils import train
+    from utils import machine, train
 
-    monkeypatch.setattr(jobs.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
-    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 64)
-    assert jobs.usable_cores() == 3 and jobs.Runner().cores == 3
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)
+    assert machine.usable_cores() == 3 and jobs.Runner().cores == 3
     assert train.loader_workers(TrainConfig(num_workers=-1), torch.device("cuda")) == 2
 
 
+@pytest.mark.slow
 def test_a_kept_cluster_serves_the_next_stage_with_its_workers_tuned_for_training(tiny_data, tmp_path):
     """The pipeline's two training stages share one local cluster (its start costs seconds per stage); its workers
-    run without Dask's profiler and GIL monitor (10-20 % of a CPU training, README's Speed)."""
+    run without Dask's profiler and GIL monitor (10-20 % of a CPU training, docs/dask.md)."""
     from distributed import Client
 
     run_dir = new_run(tmp_path / "run", tiny_data)
@@ -146,6 +149,7 @@ def test_a_kept_cluster_serves_the_next_stage_with_its_workers_tuned_for_trainin
     assert runner._cluster is None and cluster.status.name == "closed"
 
 
+@pytest.mark.slow
 def test_a_job_whose_loader_has_worker_processes_runs_in_a_dask_worker(tiny_data, tmp_path):
     """GPU jobs load with worker processes (loader_workers > 0); a daemonic Dask worker may not start them (the first
     GPU run failed with 'daemonic processes are not allowed to have children'). CPU jobs load in-process, so this

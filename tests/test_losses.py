@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses import NUM_BINS, check_targets, head_loss, kl_to_target, smooth_l1, target_distribution
+from utils.losses import (
+    NUM_BINS,
+    balanced_mse,
+    check_targets,
+    head_loss,
+    kl_to_target,
+    lds_weights,
+    sample_weights,
+    smooth_l1,
+    target_distribution,
+)
 
 
 def hand_integer_distribution(label: int) -> list[float]:
@@ -130,3 +140,64 @@ def test_head_loss_float32_from_bf16_and_unknown_head():
     assert total.dtype == torch.float32
     with pytest.raises(ValueError, match="reg.*exp.*ldl"):
         head_loss(outputs, torch.zeros(4), "mse")
+
+
+# ------------------------------------------------------------------------------------------- imbalance
+
+
+def hand_lds(labels, mode, sigma):
+    """LDS weights by plain loops: histogram over 101 bins, Gaussian kernel truncated at 4 sd, zero padding."""
+    counts = [0.0] * 101
+    for label in labels:
+        counts[min(100, max(0, int(math.floor(label + 0.5))))] += 1
+    radius = max(1, math.ceil(4 * sigma))
+    kernel = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+    total = sum(kernel)
+    density = [sum(counts[i - k] * kernel[k + radius] / total for k in range(-radius, radius + 1) if 0 <= i - k <= 100)
+               for i in range(101)]
+    smallest = min(d for d in density if d > 0)
+    density = [d if d > 0 else smallest for d in density]
+    weights = [1 / d if mode == "inverse" else 1 / math.sqrt(d) for d in density]
+    mean = sum(weights[min(100, int(math.floor(y + 0.5)))] for y in labels) / len(labels)
+    return [w / mean for w in weights]
+
+
+@pytest.mark.parametrize("mode", ["inverse", "sqrt_inverse"])
+def test_lds_weights_match_a_hand_loop_and_weigh_rare_labels_up(mode):
+    labels = [0.0] * 30 + [3.0] * 10 + [12.4] * 5 + [55.0] * 2 + [90.0]
+    weights = lds_weights(np.array(labels), mode, sigma=2.0)
+    np.testing.assert_allclose(weights.numpy(), hand_lds(labels, mode, 2.0), rtol=1e-5)
+    assert weights[90] > weights[55] > weights[12] > weights[0]  # the rarer the label, the heavier
+    per_slice = sample_weights(weights, torch.tensor(labels))
+    assert float(per_slice.mean()) == pytest.approx(1.0, abs=1e-5)  # mean 1 over the training slices
+    assert torch.equal(lds_weights(np.array(labels), "none", 2.0), torch.ones(101))
+
+
+def test_balanced_mse_by_hand():
+    pred, target, sigma = [1.0, 3.0, 10.0], [0.0, 4.0, 12.0], 2.0
+    total = 0.0
+    for i, p in enumerate(pred):
+        logits = [-0.5 * (p - y) ** 2 / sigma ** 2 for y in target]
+        total += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    want = total / len(pred) * 2 * sigma ** 2
+    got = balanced_mse(torch.tensor(pred), torch.tensor(target), sigma)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # a prediction that sits on its own label among far-away others costs ~0; the loss pulls it toward it
+    assert float(balanced_mse(torch.tensor([0.0, 50.0]), torch.tensor([0.0, 50.0]), 1.0)) == pytest.approx(0, abs=1e-6)
+
+
+def test_weighted_head_loss_is_the_weighted_mean_of_each_term_and_bmse_replaces_eq2():
+    torch.manual_seed(0)
+    logits = torch.randn(4, NUM_BINS)
+    probs = logits.softmax(1)
+    outputs = {"reg": torch.tensor([1.0, 20.0, 50.0, 90.0]), "expectation": probs @ torch.arange(101.0),
+               "logits": logits}
+    target, weights = torch.tensor([2.0, 25.0, 45.5, 100.0]), torch.tensor([0.5, 1.0, 1.5, 1.0])
+    total, parts = head_loss(outputs, target, "ldl", weights=weights)
+    per_reg = [hand_smooth_l1([p], [t]) for p, t in zip(outputs["reg"].tolist(), target.tolist())]
+    assert float(parts["l1_reg"]) == pytest.approx(sum(w * v for w, v in zip(weights.tolist(), per_reg)) / 4)
+    kl = [float(kl_to_target(logits[i:i + 1], target_distribution(target[i:i + 1]))) for i in range(4)]
+    assert float(parts["kl"]) == pytest.approx(sum(w * v for w, v in zip(weights.tolist(), kl)) / 4, rel=1e-5)
+    _, bmse_parts = head_loss(outputs, target, "reg", regression_loss="balanced_mse", bmse_sigma=3.0)
+    assert set(bmse_parts) == {"bmse_reg", "loss"}
+    assert float(bmse_parts["bmse_reg"]) == pytest.approx(float(balanced_mse(outputs["reg"], target, 3.0)))

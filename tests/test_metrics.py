@@ -63,8 +63,14 @@ def test_cli_headerless_crlf_truth_and_header_submission(tmp_path):
     assert refused.returncode == 2 and "row 6: Image_9999.png" in refused.stderr and "--allow-extra" in refused.stderr
     result = run_cli(submission, truth, "--allow-extra")
     assert result.returncode == 0, result.stderr
-    line = result.stdout.strip()
+    line, *class_lines = result.stdout.strip().splitlines()  # the challenge's line first, unchanged
     assert LINE.match(line), line
+    # then the class-balanced MAE and each class's MAE and bias: Normal 1, Moderate 2.5, Severe -5, Critical -10
+    assert class_lines[0] == f"class-balanced MAE {(1 + 2.5 + 5 + 10) / 4:.4f}"
+    assert [row.split() for row in class_lines[2:]] == [["Normal", "1", "1.000", "+1.000"],
+                                                         ["Moderate", "1", "2.500", "+2.500"],
+                                                         ["Severe", "1", "5.000", "-5.000"],
+                                                         ["Critical", "1", "10.000", "-10.000"]]
     pred, true = np.array([1, 12.5, 50, 70]), np.array([0, 10, 55, 80.0])
     want = (f"MAE {np.abs(pred - true).mean():.8f} PC {pearsonr(pred, true)[0]:.9f} "
             f"RMSE {np.sqrt(((pred - true) ** 2).mean()):.9f}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils import phantoms, pipeline
+from utils import pipeline
 from utils.config import REPO_ROOT
 
 TINY_PROFILE = {
@@ -21,10 +21,9 @@ TINY_PROFILE = {
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, phantom_set):
     root = tmp_path_factory.mktemp("pipeline")
-    data = root / "phantoms"
-    phantoms.generate_phantoms(data, subjects=12, size=64, seed=3)
+    data = phantom_set
     profile = root / "tiny.yaml"
     profile.write_text(yaml.safe_dump(TINY_PROFILE))
     argv = ["--workdir", str(root), "--data", str(data), "--profile", str(profile), "--name", "tiny",
@@ -39,6 +38,7 @@ def executed_text(notebook: Path) -> str:
                      for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_submission_bytes(tiny_run):
     root, data, _ = tiny_run
     csv = root / "submissions" / "tiny.csv"
@@ -52,11 +52,13 @@ def test_submission_bytes(tiny_run):
     assert (root / "submissions" / "tiny.zip").is_file()
 
 
+@pytest.mark.slow
 def test_every_stage_left_an_executed_notebook(tiny_run):
     root, _, _ = tiny_run
     executed = sorted(p.stem for p in (root / "runs" / "tiny" / "notebooks").glob("*.ipynb"))
     assert executed == ["00_eda", "01_folds", "02_train__a_ldl", "02_train__a_ldl_pl", "02_train__b_reg",
-                        "03_ensemble", "04_pseudo_label", "04_pseudo_label__after_retraining", "05_submit"]
+                        "03_ensemble", "04_pseudo_label", "04_pseudo_label__after_retraining", "05_submit",
+                        "06_explain"]
     run = root / "runs" / "tiny"
     assert (run / "pseudo" / "pseudo_labels.csv").is_file() and (run / "pseudo" / "table3.csv").is_file()
     assert (run / "ensemble" / "final_models.txt").read_text().split() == ["a_ldl_pl", "b_reg"]
@@ -64,6 +66,7 @@ def test_every_stage_left_an_executed_notebook(tiny_run):
     assert "scored against Val labels: MAE" in executed_text(run / "notebooks" / "05_submit.ipynb")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_folds(tiny_run):
     root, _, argv = tiny_run
     checkpoints = sorted((root / "runs" / "tiny" / "models").rglob("checkpoint_epoch*.pt"))
@@ -90,6 +93,7 @@ def test_run_all_sh_rejects_bad_arguments():
     assert result.returncode == 2 and "unknown stages" in result.stderr
 
 
+@pytest.mark.slow
 def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
     """The `cpu` profile end to end on ~40 real crops of 8 subjects, 1 epoch at 32 px (Train only: OOF submission),
     with the self-supervised pretraining step on (1 epoch): its weights become the model's pretrained_file."""
@@ -116,3 +120,26 @@ def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
     assert sorted(r.split(",")[0] for r in rows) == sorted(held_out)  # out-of-fold rows of the two trained folds
     submit = tmp_path / "runs" / "cpu_tiny" / "notebooks" / "05_submit.ipynb"
     assert "OUT-OF-FOLD predictions on Train" in executed_text(submit)
+
+
+@pytest.mark.slow
+def test_the_notebooks_opened_in_jupyter_train_and_submit_by_themselves_in_order(tmp_path, phantom_set, monkeypatch):
+    """What a user does in Jupyter: run 00 -> 05 with their defaults (the demo profile, role 'train'): 02 trains the
+    profile's models, 04 labels Val and retrains the pseudo-label model itself, 05 writes the submission. Only the
+    data and a shorter schedule are set, as a user would in the parameters cell."""
+    import papermill
+
+    monkeypatch.setenv("PERCOVID_WORKDIR", str(tmp_path))  # the kernels inherit it: outputs under tmp_path
+    overrides = {"epochs": 1, "img_size": 32, "save_last_k": 1, "warmup_epochs": 0, "max_steps_per_epoch": 2,
+                 "n_folds": 3, "num_workers": 0}
+    for stem in pipeline.STAGES:
+        notebook = REPO_ROOT / "notebooks" / f"{stem}.ipynb"
+        wanted = {"overrides": overrides, "data_dir": str(phantom_set)}
+        papermill.execute_notebook(str(notebook), str(tmp_path / f"{stem}.ipynb"), parameters=wanted,
+                                   kernel_name="python3", cwd=str(REPO_ROOT / "notebooks"), progress_bar=False)
+    run = tmp_path / "runs" / "interactive_demo"
+    assert (run / "ensemble" / "final_models.txt").read_text().split() == ["resnet18_ldl_hybrid_pl",
+                                                                           "resnet18_reg_avg_sam"]
+    rows = (tmp_path / "submissions" / "interactive_demo.csv").read_text().splitlines()
+    assert sorted(r.split(",")[0] for r in rows) == sorted(p.name for p in (phantom_set / "Val").rglob("*.png"))
+    assert "scored against Val labels" in executed_text(tmp_path / "05_submit.ipynb")

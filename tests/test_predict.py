@@ -1,16 +1,20 @@
 """The Test phase and utils.predict: a split added after training is predicted without training; the export
 reproduces the submission byte for byte; bad inputs are refused without a partial output."""
+import json
 import os
 import re
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
-from utils import ensemble, files, phantoms, pipeline, predict
+from utils import ensemble, files, pipeline, predict
 from utils.config import REPO_ROOT, RunPaths
+
+pytestmark = pytest.mark.slow  # every test here uses the two runs of `phases` (~2.5 min)
 
 # No pseudo-label retrain: it would learn from the Test slices too, and the two runs below must train the same.
 PROFILE = {"params": {"arch": "resnet10t", "head": "reg", "pooling": "avg", "img_size": 32, "epochs": 2,
@@ -25,11 +29,10 @@ def run(workdir, data_dir, profile, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def phases(tmp_path_factory):
+def phases(tmp_path_factory, phantom_set):
     """Run `late` trained before Test existed, then rerun for Test; run `early` had Test from the start."""
     root = tmp_path_factory.mktemp("phases")
-    full = root / "full"
-    phantoms.generate_phantoms(full, subjects=10, size=48, seed=4)
+    full = phantom_set
     partial = root / "partial"
     partial.mkdir()
     for split in ("Train", "Val"):
@@ -141,3 +144,68 @@ def test_bad_inputs_are_refused_and_nothing_is_written(phases, tmp_path, case):
     assert result.returncode == 2 and re.search(fragment, result.stderr), result.stderr
     assert not out.exists() and not list(tmp_path.rglob(".*.tmp-*"))
     files.verify_folder(RunPaths(root / "runs" / "early").fold("a", 0), "")  # the run's files were not touched
+
+
+# ------------------------------------------------------------------------------------------- intervals, saliency
+
+
+def test_intervals_come_with_the_export_and_bracket_each_prediction(phases, tmp_path):
+    root, full, _, _ = phases
+    export = RunPaths(root / "runs" / "early").export
+    out = tmp_path / "intervals.csv"
+    result = cli(export, full / "Test", "--out", out, "--interval", "0.9")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert all(len(r) == 4 for r in rows) and len(rows) == len(list((full / "Test").rglob("*.png")))
+    assert all(0 <= float(low) <= float(high) <= 100 for _, _, low, high in rows)
+    plain = (root / "submissions" / "early.csv").read_text().splitlines()
+    assert [",".join(r[:2]) for r in rows] == plain  # the predictions themselves are the submission's
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("level", "--interval 1.5: the coverage level must lie strictly between 0 and 1"),
+    ("no calibration", "holds no interval calibration"),
+])
+def test_intervals_refused_with_the_reason_and_no_output(phases, tmp_path, case, fragment):
+    root, full, _, _ = phases
+    source, level = RunPaths(root / "runs" / "early").export, "0.9"
+    if case == "level":
+        level = "1.5"
+    else:
+        source = tmp_path / "export"
+        predict.export_run(root / "runs" / "early", source)
+        manifest = json.loads((source / predict.MANIFEST).read_text())
+        manifest["calibration"] = None
+        (source / predict.MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "out.csv"
+    result = cli(source, full / "Test", "--out", out, "--interval", level)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_explain_writes_an_overlay_and_a_heatmap_of_the_image_size_per_slice(phases, tmp_path):
+    root, full, _, _ = phases
+    out = tmp_path / "explained"
+    result = subprocess.run([sys.executable, "-m", "utils.explain", str(RunPaths(root / "runs" / "early").export),
+                             str(full / "Test"), "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    slices = sorted((full / "Test").rglob("*.png"))
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in slices)
+    for path in slices:
+        heatmap = np.load(out / f"{path.stem}.npy")
+        assert heatmap.dtype == np.float32 and heatmap.shape == (48, 48) and (heatmap >= 0).all()
+    rows = pd.read_csv(out / "predictions.csv")
+    assert list(rows.columns) == ["name", "prediction", "low", "high"] and len(rows) == len(slices)
+
+
+def test_explain_on_bad_input_writes_nothing(phases, tmp_path):
+    root, _, _, _ = phases
+    bad = tmp_path / "Image_9999.png"
+    bad.write_bytes(b"")
+    out = tmp_path / "explained"
+    result = subprocess.run([sys.executable, "-m", "utils.explain", str(RunPaths(root / "runs" / "early").export),
+                             str(bad), "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "cannot decode image" in result.stderr
+    assert not out.exists() and not list(tmp_path.rglob(".*.tmp-*"))

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from utils import data, jobs, phantoms, sweep
+from utils import data, jobs, sweep
 from utils.config import ConfigError, RunPaths
 from utils.folds import make_folds, write_folds
 
@@ -72,10 +72,8 @@ def test_cv_table_pools_out_of_fold_predictions(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sweep_data")
-    phantoms.generate_phantoms(folder / "phantoms", subjects=8, size=48, seed=5)
-    return folder / "phantoms"
+def tiny_data(phantom_set):
+    return phantom_set
 
 
 def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
@@ -88,6 +86,7 @@ def test_pack_stores_what_the_reader_decodes(tiny_data, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path, capsys):
     profile = write_profile(tmp_path / "tiny.yaml", TINY, [{"model_name": "reg", "head": "reg"},
                                                           {"model_name": "ldl", "head": "ldl", "pooling": "hybrid"}])

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from utils import train
+from utils import machine, train
 from utils.config import TrainConfig
 
 
@@ -53,7 +53,8 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-@pytest.mark.parametrize("amp_dtype", ["auto", "float16"])  # float16: SAM with a GradScaler that backs off here
+@pytest.mark.parametrize("amp_dtype", ["auto", pytest.param("float16", marks=pytest.mark.slow)])  # float16: SAM
+# with a GradScaler that backs off here (fp16 on the CPU is slow: ~40 s)
 def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype):
     split = tiny_split()
     cfg = tiny_config(sam="sam", amp_dtype=amp_dtype)
@@ -153,11 +154,11 @@ def test_autocast_is_bf16_where_the_gpu_computes_it_else_fp16_with_a_scaler(monk
     """T4 (7.5), V100, P100 emulate bf16 (slower than fp32): fp16 with loss scaling there; A100 (8.0) on: bf16."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
-    assert train.amp_dtype(tiny_config(amp_dtype="auto"), cuda) == expected
-    assert (train.grad_scaler(tiny_config(amp_dtype="auto"), cuda) is not None) == (expected == torch.float16)
-    assert train.amp_dtype(tiny_config(amp_dtype="bfloat16"), cuda) == torch.bfloat16  # asked for: as asked
-    assert train.amp_dtype(tiny_config(amp=False), cuda) is None
-    assert train.amp_dtype(tiny_config(), torch.device("cpu")) is None  # auto on the CPU: float32
+    assert machine.amp_dtype(tiny_config(amp_dtype="auto"), cuda) == expected
+    assert (machine.grad_scaler(tiny_config(amp_dtype="auto"), cuda) is not None) == (expected == torch.float16)
+    assert machine.amp_dtype(tiny_config(amp_dtype="bfloat16"), cuda) == torch.bfloat16  # asked for: as asked
+    assert machine.amp_dtype(tiny_config(amp=False), cuda) is None
+    assert machine.amp_dtype(tiny_config(), torch.device("cpu")) is None  # auto on the CPU: float32
 
 
 def test_a_compiled_sam_step_learns_what_the_eager_step_learns():

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from utils import augment, data, files, losses, models, phantoms, train
+from utils import augment, data, files, losses, machine, models, phantoms, train
 from utils.config import AMP_DTYPES, COMPILE_MODES, TrainConfig, load_profile, pseudo_label_name
 
 N_TRAIN, N_VAL, N_FOLDS = 3054, 1301, 5  # the challenge's Train and Val slices; the paper's 5 folds
@@ -260,8 +260,8 @@ def _bare_step(model: nn.Module, forward: Callable, cfg: TrainConfig, images: to
         torch.optim.SGD(params, momentum=cfg.momentum, **kwargs)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
-    autocast = train.autocast_context(cfg, images.device)
-    scaler = train.grad_scaler(cfg, images.device)  # fp16: torch's loss scaling, as the project's step
+    autocast = machine.autocast_context(cfg, images.device)
+    scaler = machine.grad_scaler(cfg, images.device)  # fp16: torch's loss scaling, as the project's step
     target_dist = losses.target_distribution(targets.cpu()).to(images.device) if cfg.head == "ldl" else None
 
     def loss() -> torch.Tensor:
@@ -314,8 +314,8 @@ def _concurrent_worker(cfg: TrainConfig, threads: int, images: np.ndarray, targe
     """One of K spawned processes: (a)'s step loop on its own model, timed between the others' barrier waits."""
     try:
         torch.set_num_threads(threads)
-        device = train.resolve_device(cfg)
-        train.prepare_device(device)
+        device = machine.resolve_device(cfg.device)
+        machine.prepare_device(device)
         torch.manual_seed(cfg.seed)
         runner = _build_runner(cfg, device)
         batch = runner.to_device(torch.from_numpy(images), torch.from_numpy(targets))
@@ -547,12 +547,12 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
     prints `format_table` and returns the figures as a JSON-ready dict."""
     if cfg.sam == "asam":
         raise ValueError("sam='asam': the bare loop (c) writes out SAM only; use sam='sam' or 'none'")
-    device = train.resolve_device(cfg)
+    device = machine.resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no GPU: use --device cpu (or auto)")
     cuda = device.type == "cuda"
     steps, warmup_steps = steps or (30 if cuda else 8), warmup_steps if warmup_steps is not None else (5 if cuda else 2)
-    train.prepare_device(device)  # as train_fold: cudnn.benchmark; on CPU flushed denormals (~10x slower on x86)
+    machine.prepare_device(device)  # as train_fold: cudnn.benchmark; on CPU flushed denormals (~10x slower on x86)
     workers = train.loader_workers(cfg, device)
     # One progress line per measurement as it ends: a bench stopped by a time limit still says what it measured.
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
@@ -571,7 +571,7 @@ def run_bench(cfg: TrainConfig, steps: int | None = None, warmup_steps: int | No
     result = dict(
         arch=cfg.arch, head=cfg.head, pooling=cfg.pooling, img_size=cfg.img_size, batch_size=cfg.batch_size,
         optimizer=cfg.optimizer, sam=cfg.sam, device=str(device),
-        precision=str(train.amp_dtype(cfg, device) or torch.float32).removeprefix("torch."),
+        precision=str(machine.amp_dtype(cfg, device) or torch.float32).removeprefix("torch."),
         channels_last=cfg.channels_last, compile_mode=cfg.compile_mode, workers=workers,
         threads=torch.get_num_threads(),
         steps=steps, warmup_steps=warmup_steps, **step, **pipeline,

@@ -8,6 +8,8 @@ Each setting is a field of exactly one dataclass, with its default and its check
     EnsembleSettings  models, greedy_selection, rounding    03_ensemble, 04_pseudo_label
     SubmitSettings    split, submission_csv, export         05_submit
     SelfSupSettings   selfsup_epochs, selfsup_method        the pipeline's pretraining step (utils.selfsup)
+    ExplainSettings   interval_level, worst_slices, ...     06_explain
+    NotebookSettings  profile, overrides, role, ...         every notebook (how it gets its recipe)
 
 A notebook's `parameters` cell declares some of these fields with the same defaults (tests/test_config.py compares
 every notebook's parameters with these classes, so the two cannot drift) and turns them into one validated object
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -36,9 +39,27 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "notebooks" / "profiles"
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "phantoms"
-DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache"
-DEFAULT_RUN_DIR = REPO_ROOT / "runs" / "interactive"
+# Where outputs go (runs/, submissions/, data/phantoms, data/cache): the checkout, unless PERCOVID_WORKDIR names
+# another folder (run_all.sh --workdir sets it; a read-only checkout on Kaggle or Colab needs it).
+WORKDIR_ENV = "PERCOVID_WORKDIR"
+
+
+def workdir() -> Path:
+    """The folder every output goes under (read when called: run_all.sh --workdir and a notebook's kernel set it)."""
+    return Path(os.environ.get(WORKDIR_ENV) or REPO_ROOT).expanduser().resolve()
+
+
+def default_data_dir() -> Path:
+    return workdir() / "data" / "phantoms"
+
+
+def default_cache_dir() -> Path:
+    return workdir() / "data" / "cache"
+
+
+def default_run_dir() -> Path:
+    return workdir() / "runs" / "interactive"
+
 
 # Choices of the method (the paper's heads and poolings, utils.models; optimizers, utils.train / utils.sam).
 HEADS = ("reg", "exp", "ldl")
@@ -51,6 +72,10 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 # torch.compile's modes for the training step (`compile: true` is "default"; "reduce-overhead" adds CUDA graphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUBMIT_SPLITS = ("Val", "Test")
+# Imbalanced-regression settings (utils.losses): LDS loss weights, and eq 2's loss on f2.
+LDS_MODES = ("none", "inverse", "sqrt_inverse")
+REGRESSION_LOSSES = ("smooth_l1", "balanced_mse")
+NOTEBOOK_ROLES = ("train", "report")
 PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
 
@@ -178,6 +203,10 @@ class TrainConfig(Settings):
     batch_size: int = 8
     clip_grad: float | None = None
     kl_weight: float = 1.0  # weight of the ldl head's KL term
+    regression_loss: str = "smooth_l1"  # smooth_l1 (eq 2) | balanced_mse (its batch form, on f2; utils.losses)
+    bmse_sigma: float = 8.0  # balanced_mse: the label noise sd, in percentage points
+    lds: str = "none"  # none | inverse | sqrt_inverse: loss weights from the smoothed label density (utils.losses)
+    lds_sigma: float = 2.0  # lds: the smoothing kernel's sd, in percentage points
     randaug_n: int = 2  # RandAugment: ops per image
     randaug_m: int = 9  # RandAugment: magnitude 0..30
     tta_hflip: bool = False  # average predictions with the h-flipped image
@@ -203,6 +232,8 @@ class TrainConfig(Settings):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("sam", self.sam, SAM_MODES)
         check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        check_choice("regression_loss", self.regression_loss, REGRESSION_LOSSES)
+        check_choice("lds", self.lds, LDS_MODES)
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, COMPILE_MODES)
         _check_all([
@@ -222,6 +253,8 @@ class TrainConfig(Settings):
             (self.sam_rho >= 0, "sam_rho", f"{self.sam_rho}: must be >= 0"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad", f"{self.clip_grad}: must be > 0 or null"),
             (self.kl_weight >= 0, "kl_weight", f"{self.kl_weight}: must be >= 0"),
+            (self.bmse_sigma > 0, "bmse_sigma", f"{self.bmse_sigma}: must be > 0"),
+            (self.lds_sigma > 0, "lds_sigma", f"{self.lds_sigma}: must be > 0"),
             (0 <= self.randaug_n <= 10, "randaug_n", f"{self.randaug_n}: RandAugment's N must be in 0..10"),
             (0 <= self.randaug_m <= 30, "randaug_m", f"{self.randaug_m}: RandAugment's M must be in 0..30"),
             (len(self.folds) >= 1, "folds", "[]: list at least one fold to train"),
@@ -249,7 +282,8 @@ class TrainConfig(Settings):
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls(**yaml.safe_load(Path(path).read_text()))
+        """A saved recipe; fields added since it was saved take their defaults (their old behaviour)."""
+        return cls(**load_yaml(path))
 
 
 def check_arch(arch: str) -> None:
@@ -271,19 +305,29 @@ class PathSettings(Settings):
     cache_dir: str | None = None  # decoded-image cache shared by runs; None: data/cache
 
     def resolved(self) -> PathSettings:
-        """Absolute paths, with the defaults filled in (the phantom set is generated when it is the data and
-        missing)."""
-        data_dir = Path(self.data_dir).expanduser() if self.data_dir else DEFAULT_DATA_DIR
-        if self.data_dir is None and not (data_dir / "Train").is_dir():
-            from utils import phantoms
-
-            phantoms.generate_phantoms(data_dir)
-        return PathSettings(str(data_dir.resolve()), str(Path(self.run_dir or DEFAULT_RUN_DIR).resolve()),
-                            str(Path(self.cache_dir or DEFAULT_CACHE_DIR).resolve()))
+        """Absolute paths, with the defaults (under `workdir()`) filled in; nothing is created (utils.runs makes
+        the phantom set when it is the data)."""
+        data_dir = Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+        return PathSettings(str(data_dir.resolve()), str(Path(self.run_dir or default_run_dir()).resolve()),
+                            str(Path(self.cache_dir or default_cache_dir()).resolve()))
 
     @property
     def run(self) -> RunPaths:
-        return RunPaths(self.run_dir or DEFAULT_RUN_DIR)
+        return RunPaths(self.run_dir or default_run_dir())
+
+
+@dataclass
+class NotebookSettings(Settings):
+    """How a notebook gets its recipe: a profile (the one place recipes are written) plus overrides, checked as
+    run_all.sh's -p; and, for 02/04, whether it trains itself or reports on the pipeline's jobs."""
+
+    profile: str = "demo"  # a profile of notebooks/profiles/ (demo: minutes on a CPU; paper: the seed team's, GPU)
+    overrides: dict = field(default_factory=dict)  # settings on top of the profile, e.g. {'epochs': 3} (as -p)
+    role: str = "train"  # train: train (or resume) what it shows here; report: the pipeline's jobs trained it
+    train_models: list[str] | None = None  # 02/04: which of the profile's models (None: all)
+
+    def validate(self) -> None:
+        check_choice("role", self.role, NOTEBOOK_ROLES)
 
 
 @dataclass
@@ -312,10 +356,10 @@ class SubmitSettings(Settings):
         check_choice("split", self.split, SUBMIT_SPLITS)
 
     def csv_path(self, run_dir: str | Path) -> Path:
-        """Where the submission goes: `submission_csv`, else submissions/<run name>.csv."""
+        """Where the submission goes: `submission_csv`, else <workdir>/submissions/<run name>.csv."""
         if self.submission_csv:
             return Path(self.submission_csv)
-        return REPO_ROOT / "submissions" / f"{Path(run_dir).name}.csv"
+        return workdir() / "submissions" / f"{Path(run_dir).name}.csv"
 
 
 @dataclass
@@ -331,10 +375,27 @@ class SelfSupSettings(Settings):
         _check_all([(self.selfsup_epochs >= 0, "selfsup_epochs", f"{self.selfsup_epochs}: 0 (off) or more")])
 
 
-SETTINGS_CLASSES: tuple[type[Settings], ...] = (PathSettings, TrainConfig, FoldSettings, EnsembleSettings,
-                                                SubmitSettings, SelfSupSettings)
-# Set by run_all.sh from --data / --name, never by a profile or -p.
-RESERVED_SETTINGS = frozenset(PathSettings.field_names()) | {"submission_csv"}
+@dataclass
+class ExplainSettings(Settings):
+    """06_explain: prediction intervals, saliency maps, per-scan summaries (utils.intervals, utils.explain)."""
+
+    interval_level: float = 0.9  # coverage of the prediction intervals
+    worst_slices: int = 8  # the out-of-fold slices with the largest errors shown with their heatmaps
+    scans_csv: str | None = None  # name,subject rows mapping Val/Test images to scans, for their per-scan table
+
+    def validate(self) -> None:
+        _check_all([(0 < self.interval_level < 1, "interval_level", f"{self.interval_level}: must lie in (0, 1)"),
+                    (self.worst_slices >= 0, "worst_slices", f"{self.worst_slices}: 0 or more")])
+
+
+SETTINGS_CLASSES: tuple[type[Settings], ...] = (PathSettings, NotebookSettings, TrainConfig, FoldSettings,
+                                                EnsembleSettings, SubmitSettings, SelfSupSettings, ExplainSettings)
+# Never set by a profile or -p: the paths come from run_all.sh's --data / --name / --workdir, the notebook settings
+# from the pipeline (or the user of a notebook).
+RESERVED_SETTINGS = {
+    **dict.fromkeys([*PathSettings.field_names(), "submission_csv"],
+                    "is set by run_all.sh (--data, --name, --workdir)"),
+    **dict.fromkeys(NotebookSettings.field_names(), "is a notebook parameter (the pipeline sets it)")}
 
 
 def known_settings() -> dict[str, type[Settings]]:
@@ -362,13 +423,13 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any]) ->
     {"train": [TrainConfig per model], "pseudo": [TrainConfig per pseudo-label retrain], "folds": FoldSettings,
     "ensemble": EnsembleSettings, "submit": SubmitSettings}."""
     known = known_settings()
-    valid = sorted(set(known) - RESERVED_SETTINGS)
+    valid = sorted(set(known) - set(RESERVED_SETTINGS))
     path = profile["path"]
     sources = [(f"{path}: params", profile["params"]), ("-p", overrides)]
     for where, values in sources:
         for key in values:
             if key in RESERVED_SETTINGS:
-                raise ConfigError(f"{where}: {key!r} is set by run_all.sh (--data, --name); remove it", key=key)
+                raise ConfigError(f"{where}: {key!r} {RESERVED_SETTINGS[key]}; remove it", key=key)
             if key not in known:
                 raise _unknown_key(where, key, valid)
     shared = {**profile["params"], **overrides}
@@ -400,7 +461,7 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any]) ->
                              "use_pseudo_labels": True}) for cfg in trains if cfg.model_name in pseudo_names]
     return {"train": trains, "pseudo": pseudo, "folds": fold_settings,
             "ensemble": build(EnsembleSettings, shared, sources), "submit": build(SubmitSettings, shared, sources),
-            "selfsup": build(SelfSupSettings, shared, sources)}
+            "selfsup": build(SelfSupSettings, shared, sources), "explain": build(ExplainSettings, shared, sources)}
 
 
 PSEUDO_SUFFIX = "_pl"
@@ -414,6 +475,38 @@ def pseudo_label_name(model_name: str) -> str:
 # ----------------------------------------------------------------------------------------------- profiles
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key twice in one mapping (YAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{key_node.start_mark.name}, line {line}: duplicate key {key!r} (first on line "
+                              f"{seen[key]}); YAML would keep only the last: keep one", key=str(key))
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A settings YAML (a profile, a saved recipe): a key twice in one mapping is a ConfigError naming the file,
+    the line and the key."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:  # a stream: the errors name the file
+            return yaml.load(handle, Loader=_StrictLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+
+
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     """Read a profile YAML (a name in notebooks/profiles/ or a path) and check its shape; `check_run_settings`
     checks its keys and values."""
@@ -423,10 +516,10 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"profile {name_or_path!r} not found (looked for {path}); known profiles: {known}")
-    try:
-        profile = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    profile = load_yaml(path)
+    if profile is None:
+        raise ConfigError(f"{path} is empty: a profile needs at least `models:` (a list of models to train), "
+                          "e.g. copy notebooks/profiles/demo.yaml")
     if not isinstance(profile, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(PROFILE_KEYS)}")
     unknown = set(profile) - set(PROFILE_KEYS)
@@ -438,6 +531,9 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     if not isinstance(profile["params"], dict) or not isinstance(profile["models"], list) or \
             not all(isinstance(m, dict) for m in profile["models"]):
         raise ConfigError(f"{path}: params must be a mapping and models a list of mappings")
+    if not profile["models"]:
+        raise ConfigError(f"{path}: the profile lists no models to train; add a `models:` list (see "
+                          "notebooks/profiles/demo.yaml)")
     for i, model in enumerate(profile["models"]):
         if "model_name" not in model:
             raise ConfigError(f"{path}: models[{i}] has no model_name (every trained model needs a unique name)")

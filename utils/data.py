@@ -9,12 +9,16 @@ uint8 image arrays for that.
 
 Decoding 512x512 PNGs is the slow step of a CPU data pipeline, so `cached_images` decodes every slice of a split once
 per (size, channels) into one `.npy` file that all folds, models and notebooks of a run share through a read-only
-memmap.
+memmap. The cache is trusted by content, not by its size: a digest of every decoded image is written with it
+(`<cache>.digests.json`) and checked when a process first opens it; a cache that differs is rebuilt. The same
+per-image digests (`image_digests`) make the identity of what a fold was trained on (utils.train).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import math
 import os
 import re
@@ -28,6 +32,8 @@ from PIL import Image
 
 from utils import csvfiles, files
 from utils.csvfiles import IMAGE_EXTENSIONS  # noqa: F401 (part of this module's API)
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("Train", "Val", "Test")
 
@@ -95,8 +101,35 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+# Files that sit beside slices without being slices: never worth a word.
+_COMPANION_SUFFIXES = (".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".zip", ".ipynb", ".py")
+
+
+def check_image_names(paths: Sequence[Path]) -> None:
+    """Every slice's name must fit the project's UTF-8 CSV files (a Linux name of arbitrary bytes may not)."""
+    for path in paths:
+        try:
+            csvfiles.check_text(path.name)
+        except csvfiles.CsvError as error:
+            raise DataError(f"{path.parent}: {error}") from None
+
+
+def warn_skipped(folder: Path, skipped: Sequence[Path]) -> None:
+    """Name the files among the slices that the reader does not take (a .bmp, .tif, .dcm next to the PNGs)."""
+    if skipped:
+        shown = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d file(s) that are not PNG/JPEG slices (%s); convert them to PNG to use them",
+                    folder, len(skipped), shown)
+
+
+def _image_files(folder: Path, warn: bool = False) -> list[Path]:
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in entries if is_image_file(p)]
+    if warn:
+        warn_skipped(folder, [p for p in entries if not is_image_file(p)
+                              and p.suffix.lower() not in _COMPANION_SUFFIXES])
+    check_image_names(images)
+    return images
 
 
 def _visible_subfolders(folder: Path) -> list[Path]:
@@ -197,7 +230,7 @@ def load_split(
             f"'Image_0000.png,0.0,0') there or pass labels_csv="
         )
 
-    files = {p.name: p for p in _image_files(image_dir)}
+    files = {p.name: p for p in _image_files(image_dir, warn=True)}
     if not files:
         raise DataError(f"{image_dir}: no .png/.jpg images; add the {canonical} slices")
     if labels_path is not None:
@@ -265,6 +298,13 @@ def image_header(path: str | os.PathLike) -> tuple[str, str, str | None]:
     """(size "WxH", mode, format) from the file header, without decoding the pixels."""
     with open_image(path) as image:
         return f"{image.size[0]}x{image.size[1]}", image.mode, image.format
+
+
+def load_gray(path: str | os.PathLike) -> np.ndarray:
+    """A slice as the gray uint8 (H, W) image the project sees, at its own size (for figures and saliency maps)."""
+    with open_image(path) as image:
+        image.load()
+        return np.asarray(_to_luminance(image), dtype=np.uint8)
 
 
 def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
@@ -341,6 +381,70 @@ def _iterate_decoded(paths: list[str], size: int, channels: int, num_workers: in
         yield from pool.imap(_decode_job, jobs, chunksize=chunk)  # imap keeps frame order
 
 
+DIGEST_SUFFIX = ".digests.json"
+_verified: dict[tuple, list[str]] = {}  # (cache path, size, mtime, inode) -> its checked per-image digests
+
+
+def digest_rows(images: np.ndarray | Sequence[np.ndarray]) -> list[str]:
+    """One short SHA-256 per image (its uint8 pixels and shape): ~1.6 GB/s here, ~1 % of decoding the images."""
+    digests = []
+    for image in images:
+        image = np.ascontiguousarray(image)
+        digest = hashlib.sha256(f"{image.shape}".encode())
+        digest.update(image.data)
+        digests.append(digest.hexdigest()[:32])
+    return digests
+
+
+def _digest_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + DIGEST_SUFFIX)
+
+
+def _checked_cache(target: Path, names: Sequence[str], shape: tuple) -> np.ndarray | None:
+    """The cache at `target` if it holds what its digests say (checked once per process and file version), else
+    None (missing, unreadable, or changed since it was written: rebuilt by the caller)."""
+    if not target.is_file():
+        return None
+    try:
+        cached = np.load(target, mmap_mode="r")
+        recorded = json.loads(_digest_file(target).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable, or written before digests were kept: rebuilt
+    if cached.shape != shape or cached.dtype != np.uint8 or recorded.get("names") != list(names):
+        return None
+    stat = target.stat()
+    key = (str(target), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _verified:
+        actual = digest_rows(cached)
+        changed = [i for i, (a, b) in enumerate(zip(actual, recorded["digests"])) if a != b]
+        if changed or len(actual) != len(recorded["digests"]):
+            log.warning("decoded-image cache %s differs from its digests (%d image(s) changed since it was written, "
+                        "e.g. %s): rebuilding it", target, len(changed), ", ".join(names[i] for i in changed[:3]))
+            return None
+        _verified[key] = actual
+    _register(cached, _verified[key])
+    return cached
+
+
+_digests_of: dict[str, list[str]] = {}  # memmap file -> its checked digests (image_digests)
+
+
+def _register(images: np.ndarray, digests: list[str]) -> None:
+    if isinstance(images, np.memmap) and images.filename:
+        _digests_of[str(Path(images.filename).resolve())] = digests
+
+
+def image_digests(images: np.ndarray | RowSubset | RowConcat) -> list[str]:
+    """Per-image digests: those checked with a cache (no second pass), else computed from the pixels."""
+    if isinstance(images, (RowSubset, RowConcat)):
+        return images.row_digests()
+    if isinstance(images, np.memmap) and images.filename:
+        known = _digests_of.get(str(Path(images.filename).resolve()))
+        if known is not None and len(known) == len(images):
+            return known
+    return digest_rows(images)
+
+
 def cached_images(
     frame: pd.DataFrame,
     cache_dir: str | os.PathLike,
@@ -354,10 +458,11 @@ def cached_images(
 
     Rows follow the frame's order. The cache file is keyed by split, size, channels and a hash of the slices' names,
     byte sizes and modification times, so it is rebuilt only when a source file changes and is shared by every
-    fold/model/notebook that asks for the same images. It is written to a temporary file and renamed when
-    complete (utils.files.atomic_path: a killed run leaves no half cache); older caches of the same
-    folders/split/size/channels are then deleted (those of other data sets are kept).
-    `num_workers` > 0 decodes in that many processes.
+    fold/model/notebook that asks for the same images; its content is checked against the per-image digests
+    written with it (module docstring). It is written to a temporary file and renamed when complete
+    (utils.files.atomic_path: a killed run leaves no half cache; the digests are written first, so a cache never
+    lacks them); older caches of the same folders/split/size/channels are then deleted (those of other data sets
+    are kept). `num_workers` > 0 decodes in that many processes.
     """
     if len(frame) == 0:
         raise DataError(f"no slices to cache for split {split!r}: the frame is empty")
@@ -366,16 +471,14 @@ def cached_images(
     directory = Path(cache_dir)
     target = cache_path(frame, directory, size, channels, split)
     shape = (len(frame), size, size, channels)
-    if target.is_file():
-        try:
-            cached = np.load(target, mmap_mode="r")
-            if cached.shape == shape and cached.dtype == np.uint8:
-                return cached
-        except (OSError, ValueError):
-            pass  # unreadable cache: rebuild below
+    names = [str(name) for name in frame["name"]]
+    cached = _checked_cache(target, names, shape)
+    if cached is not None:
+        return cached
     files.remove_debris(directory)  # half caches of killed runs
     with files.atomic_path(target) as temporary:
         output = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
+        files.reserve_space(temporary)  # a full disk fails here, naming the file, not with SIGBUS while writing
         decoded = _iterate_decoded(list(frame["path"]), size, channels, num_workers)
         if progress:
             from tqdm.auto import tqdm
@@ -384,12 +487,59 @@ def cached_images(
         for index, image in enumerate(decoded):
             output[index] = image
         output.flush()
+        digests = digest_rows(output)
         del output
+        files.write_text(_digest_file(target), json.dumps({"names": names, "digests": digests}) + "\n")
     prefix = target.name.rsplit("_", 1)[0] + "_"  # the same folders/split/size/channels, older content
     for old in directory.glob(prefix + "*.npy"):
         if old != target:
             old.unlink(missing_ok=True)
-    return np.load(target, mmap_mode="r")
+            _digest_file(old).unlink(missing_ok=True)
+    cached = np.load(target, mmap_mode="r")
+    stat = target.stat()
+    _verified[(str(target), stat.st_size, stat.st_mtime_ns, stat.st_ino)] = digests
+    _register(cached, digests)
+    return cached
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows of image arrays
+# --------------------------------------------------------------------------------------------------------------
+class RowSubset:
+    """Rows of a (memmapped) image array picked by index, without copying the array into memory."""
+
+    def __init__(self, images: np.ndarray | RowSubset | RowConcat, index: np.ndarray):
+        self.images, self.index = images, np.asarray(index)
+        self.shape = (len(self.index),) + tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.images[self.index[i]]
+
+    def row_digests(self) -> list[str]:
+        digests = image_digests(self.images)
+        return [digests[i] for i in self.index]
+
+
+class RowConcat:
+    """Several row sources seen as one (pseudo-labels from Val and Test)."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+        self.shape = (int(self.offsets[-1]),) + tuple(sources[0].shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.sources[k][i - self.offsets[k]]
+
+    def row_digests(self) -> list[str]:
+        return [digest for source in self.sources for digest in image_digests(source)]
 
 
 # --------------------------------------------------------------------------------------------------------------

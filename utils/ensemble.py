@@ -14,11 +14,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import files
+from utils import csvfiles, files
 from utils.config import RunPaths
-from utils.metrics import score
+from utils.metrics import class_balanced_mae, class_scores, score
 
 OOF = "oof"
+
+
+class EnsembleError(ValueError):
+    """Predictions that cannot make an ensemble (non-finite values, no slice in common); nothing was written."""
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A fold's predictions.csv (split, name, epoch, prediction), verified against its integrity record; a value
+    that is not a finite number is an error (never averaged, clipped or rounded into a submission)."""
+    path = Path(path)
+    way_out = f"rerun that fold (delete {path.parent}) or the whole run with --force"
+    files.verify(path, way_out=way_out)
+    predictions = csvfiles.read_frame(path, text_columns=("split", "name"))
+    values = pd.to_numeric(predictions["prediction"], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = predictions.loc[bad, "name"].iloc[0]
+        raise EnsembleError(f"{path}: {int(bad.sum())} of {len(values)} predictions are NaN or infinite (e.g. "
+                            f"{first}): that training diverged; {way_out} with a lower lr")
+    return predictions.assign(prediction=values)
 
 
 def round_half_up(values: np.ndarray | pd.Series) -> np.ndarray:
@@ -32,8 +52,7 @@ def load_predictions(run_dir: str | Path, model_names: Iterable[str] | None = No
     frames = []
     for model_name, fold, path in RunPaths(run_dir).fold_files("predictions.csv"):
         if model_names is None or model_name in set(model_names):
-            files.verify(path, way_out=f"rerun that fold (delete {path.parent}) or the whole run with --force")
-            frames.append(pd.read_csv(path, dtype={"name": str}).assign(model=model_name, fold=fold))
+            frames.append(read_predictions(path).assign(model=model_name, fold=fold))
     if not frames:
         raise FileNotFoundError(f"no predictions under {RunPaths(run_dir).models}/*/fold*/predictions.csv: "
                                 "run notebooks/02_train.ipynb first")
@@ -57,7 +76,13 @@ def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None,
     missing = sorted(set(models) - set(chosen["model"]))
     if missing:
         raise ValueError(f"no predictions for models {missing}; available: {sorted(per_model['model'].unique())}")
+    if not np.isfinite(chosen["prediction"].to_numpy(np.float64)).all():
+        raise EnsembleError("NaN or infinite predictions cannot be averaged into an ensemble (a diverged training): "
+                            "rerun the run with a lower lr and --force")
     wide = chosen.pivot_table(index=["split", "name"], columns="model", values="prediction").dropna()
+    if wide.empty:
+        raise EnsembleError(f"the models {models} predicted no slice in common: nothing to ensemble (did they train "
+                            "on other folds, or on other data?)")
     values = np.clip(wide.mean(axis=1).to_numpy(), 0.0, 100.0)
     if rounding:
         values = round_half_up(values)
@@ -68,23 +93,31 @@ def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None,
 def oof_table(per_model: pd.DataFrame, truth: pd.DataFrame, ensemble_oof: pd.DataFrame | None = None,
               folds: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tables 1-2 of the paper on out-of-fold slices, one row per model (and the ensemble), sorted by MAE: MAE, PC,
-    RMSE pooled over the held-out slices; with `folds` (name, fold) also each metric's mean and sample sd (ddof=1,
-    NaN for one fold) over folds, the fold MAE range and the number of folds. The one OOF table of the project
-    (03_ensemble, 04's Table 3, utils.sweep's cross-validation report)."""
+    RMSE pooled over the held-out slices, then the class-balanced MAE (`MAE_balanced`) and each severity class's
+    MAE and bias (`MAE_<class>`, `bias_<class>`: mean of prediction - truth, negative = too low); with `folds`
+    (name, fold) also each metric's mean and sample sd (ddof=1, NaN for one fold) over folds, the fold MAE range
+    (plain and class-balanced) and the number of folds. The one OOF table of the project (03_ensemble, 04's Table 3,
+    utils.sweep's cross-validation report)."""
     rows = []
     candidates = [(m, g) for m, g in per_model[per_model["split"] == OOF].groupby("model", sort=False)]
     if ensemble_oof is not None:
         candidates.append(("ensemble", ensemble_oof[ensemble_oof["split"] == OOF]))
     for model_name, group in candidates:
         merged = group.merge(truth[["name", "percentage"]], on="name")
-        row = {"model": model_name, "n_slices": len(merged),
-               **score(merged["prediction"].to_numpy(), merged["percentage"].to_numpy())}
+        pred, true = merged["prediction"].to_numpy(), merged["percentage"].to_numpy()
+        row = {"model": model_name, "n_slices": len(merged), **score(pred, true)}
+        classes = class_scores(pred, true)
+        row["MAE_balanced"] = float(classes["MAE"].mean())
+        for _, c in classes.iterrows():
+            row[f"MAE_{c['class']}"], row[f"bias_{c['class']}"] = c["MAE"], c["bias"]
         if folds is not None:
             merged = merged.merge(folds[["name", "fold"]], on="name")
-            per_fold = pd.DataFrame([score(g["prediction"].to_numpy(), g["percentage"].to_numpy())
+            per_fold = pd.DataFrame([{**score(g["prediction"].to_numpy(), g["percentage"].to_numpy()),
+                                      "MAE_balanced": class_balanced_mae(g["prediction"].to_numpy(),
+                                                                         g["percentage"].to_numpy())}
                                      for _, g in merged.groupby("fold")])
             row["n_folds"] = len(per_fold)
-            for metric in ("MAE", "PC", "RMSE"):
+            for metric in ("MAE", "PC", "RMSE", "MAE_balanced"):
                 row[f"fold_{metric}_mean"] = per_fold[metric].mean()
                 row[f"fold_{metric}_std"] = per_fold[metric].std(ddof=1)
             row["fold_MAE_min"], row["fold_MAE_max"] = per_fold["MAE"].min(), per_fold["MAE"].max()
@@ -120,9 +153,30 @@ def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence
     """Save the ensemble's predictions (split, name, prediction) and the models it averaged; the model list last:
     it marks the ensemble finished (utils.predict, 04), so a kill between the two never leaves a stale csv behind it."""
     out_dir = Path(out_dir)
-    files.write_text(out_dir / f"{stem}.csv", combined.to_csv(index=False))
+    if combined.empty or not np.isfinite(combined["prediction"].to_numpy(np.float64)).all():
+        raise EnsembleError(f"refusing to write {out_dir / stem}.csv: the ensemble has no slices or non-finite values")
+    csvfiles.write_frame(out_dir / f"{stem}.csv", combined)
     files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
     return out_dir / f"{stem}.csv"
+
+
+def calibration_name(stem: str = "ensemble") -> str:
+    """The file of an ensemble's interval calibration in the run's ensemble/ folder (utils.intervals)."""
+    return f"{stem}_calibration.csv"
+
+
+def write_calibration(per_model: pd.DataFrame, models: Sequence[str], truth: pd.DataFrame, out_dir: str | Path,
+                      stem: str = "ensemble") -> Path | None:
+    """The ensemble's unrounded out-of-fold predictions with their labels: what utils.intervals calibrates on
+    (None, and nothing written, when no slice has an out-of-fold prediction)."""
+    from utils.intervals import Calibration
+
+    oof = per_model[per_model["split"] == OOF]
+    if oof.empty:
+        return None
+    combined = combine_models(oof, models, rounding=False).merge(truth[["name", "percentage"]], on="name")
+    return Calibration(combined["prediction"].to_numpy(), combined["percentage"].to_numpy()).save(
+        Path(out_dir) / calibration_name(stem))
 
 
 def read_ensemble_models(out_dir: str | Path, stem: str = "ensemble") -> list[str]:

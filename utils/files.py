@@ -16,6 +16,10 @@ folder; no debris.
 * **One run per folder.** `RunLock` holds an exclusive `flock` on `<folder>/.lock` for the life of a run and writes
   its pid and host there. A second run on the same folder stops at once; a lock file left by a dead process (the
   kernel releases a dead process's flock) is taken over with a message.
+* **Disk full.** A write that fails for want of space (the OS's ENOSPC / EDQUOT, or torch's checkpoint writer failing
+  mid-file) is a `DiskFullError` naming the file and the free space; the temporary file is removed, the target is
+  left as it was, and the rerun resumes from what was kept. `reserve_space` claims a file's size up front, so a
+  memory-mapped writer fails with that error instead of dying of SIGBUS.
 * **No debris.** `remove_debris` deletes the temporary files of dead processes of this host (a SIGKILL between
   writing and renaming leaves one); each run calls it on its folders at start.
 
@@ -26,6 +30,7 @@ containing the substring in one process: the worst moment for a kill, reproduced
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -56,6 +61,49 @@ class IntegrityError(RuntimeError):
 
 class RunLocked(RuntimeError):
     """Another live run holds the folder."""
+
+
+class DiskFullError(OSError):
+    """No space left where a file was being written; nothing partial was kept."""
+
+    def __init__(self, path: Path, detail: str):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB were free there when it failed"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path} ({detail}; {free}): free some space "
+                                       "(or put the outputs elsewhere with --workdir) and rerun the same command; "
+                                       "nothing partial was kept and finished work is reused")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _disk_full_detail(error: BaseException) -> str | None:
+    """Why `error` is a full disk, or None when it is another failure."""
+    if isinstance(error, DiskFullError):
+        return None
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os.strerror(error.errno)
+    # torch's zip writer reports a failed write of a checkpoint as a position mismatch (measured: a full tmpfs)
+    if isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "file write failed" in str(error)):
+        return f"torch: {str(error).splitlines()[0]}"
+    return None
+
+
+def reserve_space(path: str | os.PathLike) -> None:
+    """Allocate a (sparse) file's whole size now: ENOSPC here, not SIGBUS later in a memory-mapped write."""
+    path = Path(path)
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(path, os.strerror(error.errno)) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: go on
+                raise
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
@@ -101,8 +149,11 @@ def atomic_path(path: str | os.PathLike, record: bool = False) -> Iterator[Path]
         entry = _announce(target, temporary) if record else None
         _fault_point(target)
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         _remove(temporary)
+        detail = _disk_full_detail(error)
+        if detail is not None:
+            raise DiskFullError(target, detail) from None
         raise
     if entry is not None:
         _commit(target, entry)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from utils import files
+from utils import csvfiles
 
 SEVERITY_CLASSES = ("Normal", "Minimal", "Moderate", "Extent", "Severe", "Critical")
 FOLD_COLUMNS = ("name", "subject", "percentage", "severity", "fold")
@@ -102,12 +102,12 @@ def write_folds(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"fold table lacks columns {missing}; build it with make_folds")
-    return files.write_text(path, frame.loc[:, list(FOLD_COLUMNS)].to_csv(index=False, lineterminator="\n"))
+    return csvfiles.write_frame(path, frame.loc[:, list(FOLD_COLUMNS)])
 
 
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by `write_folds` back with the same dtypes."""
-    frame = pd.read_csv(path, dtype={"name": str})
+    frame = csvfiles.read_frame(path)
     missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a fold table (missing columns {missing}); write it with write_folds")

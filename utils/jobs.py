@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -39,6 +40,7 @@ from typing import Any
 
 from utils import files
 from utils.config import RunPaths, TrainConfig
+from utils.machine import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +74,6 @@ class TrainJob:
         return f"{self.config['model_name']} fold {self.fold}"
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask (taskset, a container's or Slurm's cpuset), which
-    os.cpu_count() ignores: in a 4-CPU job on a 64-core node that would start 16x too many threads and workers."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
-
-
 @dataclass
 class Runner:
     """Where and how wide jobs run (see the module docstring)."""
@@ -105,8 +98,8 @@ class Runner:
     def slots(self, use_gpu: bool) -> list[dict[str, str]]:
         """The environment of each local worker process: one per job slot."""
         gpus = (self.gpus if self.gpus is not None else _visible_gpus()) if use_gpu else 0
-        if gpus:
-            return [{"CUDA_VISIBLE_DEVICES": str(gpu)} for gpu in range(gpus) for _ in range(self.jobs_per_gpu)]
+        if gpus:  # GPU-minor order: the first jobs spread over the cards
+            return [{"CUDA_VISIBLE_DEVICES": str(gpu)} for _ in range(self.jobs_per_gpu) for gpu in range(gpus)]
         return [{} for _ in range(self.jobs or 1)]
 
     def local_cluster(self, slots: list[dict[str, str]], threads: int) -> Any:
@@ -205,6 +198,31 @@ def _job_data(job: TrainJob, cfg: TrainConfig):
                                     progress=False, predict=job.predict)
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures whose message says what to do: the job reports them in one line, without a traceback."""
+    from utils import config, data, train
+
+    return (files.DiskFullError, files.IntegrityError, data.DataError, config.ConfigError, train.TrainingDiverged,
+            train.FoldMismatch, train.FoldNotTrained)
+
+
+def check_scheduler(address: str, timeout: float = 5.0) -> None:
+    """An external scheduler must answer before the run starts (not after 00 and 01, with a long traceback)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname:
+        raise JobFailed(f"--scheduler {address!r}: expected tcp://HOST:PORT (what `dask scheduler` prints)")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=timeout):
+            pass
+    except OSError as error:
+        raise JobFailed(f"--scheduler {address}: no Dask scheduler answers there within {timeout:g} s ({error}); "
+                        "start one (`dask scheduler`), check the address, or leave --scheduler out to train on "
+                        "this machine") from None
+
+
 OUT_OF_MEMORY_HINT = ("\nThe GPU ran out of memory: rerun with fewer trainings per card (--jobs-per-gpu, down to 1) "
                       "or a smaller batch_size; the finished folds are reused and the others resume.")
 
@@ -232,6 +250,9 @@ def run_train_job(job: TrainJob) -> str | None:
                          predict_splits, pseudo, progress=False)
         return job.label
     except Exception as error:
+        if isinstance(error, expected_errors()):  # its message names the file or setting and the fix
+            message = str(error)
+            raise JobFailed(message if message.startswith(f"[{job.label}]") else f"{job.label}: {message}") from None
         hint = OUT_OF_MEMORY_HINT if isinstance(error, torch.OutOfMemoryError) else ""
         raise JobFailed(f"{job.label}: {type(error).__name__}: {error}{hint}\n{traceback.format_exc()}") from None
     finally:
@@ -265,12 +286,23 @@ def _local_cluster(slots: list[dict[str, str]], threads: int):
     logging.getLogger("distributed").setLevel(logging.ERROR)
     local = {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}
     counts = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    # the workers' own log lines stay silent (a failing job's "Compute Failed" with its traceback): the client
+    # reports every failure, in one line where its message says what to do
     workers = {f"slot-{i}": {"cls": Nanny, "options": {"nthreads": 1, "env": {**counts, **env}, "memory_limit": 0,
-                                                        "silence_logs": logging.ERROR, **local}}
+                                                        "silence_logs": logging.CRITICAL, **local}}
                for i, env in enumerate(slots)}
-    with dask.config.set(WORKER_CONFIG):  # read when the nannies are made, here
-        return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": local},
-                           silence_logs=logging.ERROR, asynchronous=False)
+    # The worker processes ignore Ctrl-C: a terminal sends it to the whole process group, and each worker would
+    # print its own KeyboardInterrupt traceback; the run's process gets it and closes the cluster (an ignored signal
+    # stays ignored in a spawned child: Python installs its SIGINT handler only over the default disposition).
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is \
+        threading.main_thread() else None
+    try:
+        with dask.config.set(WORKER_CONFIG):  # read when the nannies are made, here
+            return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": local},
+                               silence_logs=logging.ERROR, asynchronous=False)
+    finally:
+        if interrupt is not None:
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def _print_event(event: tuple[float, dict[str, Any]]) -> None:

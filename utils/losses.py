@@ -10,13 +10,27 @@ bins i = 0..100 and p = softmax(logits) (see ``utils.models``).
 
 Totals per head: ``reg`` = eq 2; ``exp`` = eq 1 + eq 2; ``ldl`` = eq 1 + eq 2 + kl_weight * KL.
 SmoothL1 uses beta = 1 and the batch mean. All losses are computed in float32.
+
+For the imbalanced labels of real CT (a quarter of the slices at 0 %, few above 75 %), two settings of the training
+loop (no maintained package implements them):
+
+* **LDS** (label distribution smoothing, Yang et al., "Delving into Deep Imbalanced Regression", ICML 2021):
+  per-sample loss weights from the training labels' histogram over the 101 integer bins convolved with a Gaussian
+  kernel (sd ``lds_sigma`` percentage points): w(y) = 1 / density(y) (``inverse``) or its square root
+  (``sqrt_inverse``), scaled to mean 1 over the training slices -> ``lds_weights``; every term of ``head_loss`` is
+  then a weighted mean.
+* **Balanced MSE** (Ren et al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022), its batch-based Monte
+  Carlo form (BMC): eq 2's SmoothL1 on f2 becomes -log softmax_j(-(f2_i - y_j)^2 / (2 sigma^2)) at j = i over the
+  batch's labels y_j, times 2 sigma^2 (so its gradient has MSE's scale) -> ``balanced_mse``. It undoes the training
+  labels' prior in the prediction: what a shift of the severity mix between Train and Val/Test calls for.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.config import HEADS, NUM_BINS, check_choice
+from utils.config import HEADS, LDS_MODES, NUM_BINS, REGRESSION_LOSSES, check_choice
 
 # eq 3: weight of the bins at offsets -2, -1, 0, +1, +2 from the label.
 LABEL_KERNEL = (0.05, 0.15, 0.6, 0.15, 0.05)
@@ -58,18 +72,67 @@ def target_distribution(percentage: torch.Tensor, num_bins: int = NUM_BINS) -> t
     return dist.float()
 
 
-def smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SmoothL1 with beta = 1, batch mean (eq 1 and eq 2): 0.5 d^2 if |d| < 1 else |d| - 0.5."""
-    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="mean")
+def _mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return per_sample.mean() if weights is None else (per_sample * weights).mean()
 
 
-def kl_to_target(logits: torch.Tensor, target_dist: torch.Tensor) -> torch.Tensor:
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothL1 with beta = 1, batch mean (eq 1 and eq 2): 0.5 d^2 if |d| < 1 else |d| - 0.5; `weights`: the mean
+    of the weighted per-sample terms."""
+    per_sample = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none")
+    return _mean(per_sample, weights)
+
+
+def kl_to_target(logits: torch.Tensor, target_dist: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """KL(t || softmax(logits)) = sum_i t_i (log t_i - log p_i), averaged over the batch (ldl head)."""
-    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_dist.float(), reduction="batchmean")
+    per_sample = F.kl_div(F.log_softmax(logits.float(), dim=1), target_dist.float(), reduction="none").sum(dim=1)
+    return _mean(per_sample, weights)
+
+
+def balanced_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Balanced MSE, batch-based Monte Carlo form (module docstring): for each sample i,
+    2 sigma^2 * (-log softmax_j(-(pred_i - y_j)^2 / (2 sigma^2))[j = i]), averaged over the batch."""
+    pred, target = pred.float().flatten(), target.float().flatten()
+    logits = -0.5 * (pred[:, None] - target[None, :]) ** 2 / sigma ** 2
+    per_sample = F.cross_entropy(logits, torch.arange(len(pred), device=pred.device), reduction="none")
+    return _mean(per_sample, weights) * (2 * sigma ** 2)
+
+
+def lds_weights(labels: np.ndarray, mode: str, sigma: float, num_bins: int = NUM_BINS) -> torch.Tensor:
+    """LDS loss weights per integer bin (module docstring): shape (num_bins,), mean 1 over `labels`.
+
+    The histogram of the labels (rounded to the nearest bin) is convolved with a Gaussian kernel of sd `sigma` bins
+    (truncated at 4 sd, the kernel normalised to sum 1, zero padding at the edges: mass that would fall outside
+    0..100 is lost, as for an unbounded histogram); an empty smoothed bin gets the weight of the smallest non-zero
+    density. mode "none": all ones."""
+    check_choice("lds", mode, LDS_MODES)
+    if mode == "none":
+        return torch.ones(num_bins)
+    labels = np.asarray(labels, dtype=np.float64)
+    bins = np.clip(np.rint(labels), 0, num_bins - 1).astype(int)
+    histogram = np.bincount(bins, minlength=num_bins).astype(np.float64)
+    radius = max(1, int(np.ceil(4 * sigma)))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    density = np.convolve(histogram, kernel, mode="same")
+    density = np.where(density > 0, density, density[density > 0].min())
+    weights = 1.0 / density if mode == "inverse" else 1.0 / np.sqrt(density)
+    weights /= weights[bins].mean()  # mean 1 over the training slices
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def sample_weights(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each target's weight from a per-bin table (float labels: the nearest bin)."""
+    index = target.detach().round().clamp(0, len(table) - 1).long()
+    return table.to(target.device)[index]
 
 
 def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
-              kl_weight: float = 1.0, check: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              kl_weight: float = 1.0, check: bool = True, weights: torch.Tensor | None = None,
+              regression_loss: str = "smooth_l1", bmse_sigma: float = 8.0
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one head: (total loss tensor, parts as detached 0-dim tensors).
 
     reg: eq 2.  exp: eq 1 + eq 2.  ldl: eq 1 + eq 2 + kl_weight * KL(t || p), t from eq 3.
@@ -77,19 +140,25 @@ def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
     Parts keys: ``loss`` and those used of ``l1_reg``, ``l1_exp``, ``kl`` (kl unweighted). Parts stay on the
     device (``float(part)`` to log) so the training step never waits for the GPU; ``check=False`` skips the
     NaN/range check of the targets, for callers that checked them on the host already (it syncs on a GPU).
+    `weights`: per-sample weights (LDS, ``sample_weights``) of every term; ``regression_loss="balanced_mse"``: eq 2's
+    term is ``balanced_mse`` (part ``bmse_reg`` instead of ``l1_reg``).
     """
     check_choice("head", head, HEADS)
+    check_choice("regression_loss", regression_loss, REGRESSION_LOSSES)
     target = target.float().flatten()
     if check:
         check_targets(target)
-    parts = {"l1_reg": smooth_l1(outputs["reg"].flatten(), target)}  # eq 2
-    total = parts["l1_reg"]
+    if regression_loss == "balanced_mse":
+        parts = {"bmse_reg": balanced_mse(outputs["reg"], target, bmse_sigma, weights)}
+    else:
+        parts = {"l1_reg": smooth_l1(outputs["reg"].flatten(), target, weights)}  # eq 2
+    total = next(iter(parts.values()))
     if head in ("exp", "ldl"):
-        parts["l1_exp"] = smooth_l1(outputs["expectation"].flatten(), target)  # eq 1
+        parts["l1_exp"] = smooth_l1(outputs["expectation"].flatten(), target, weights)  # eq 1
         total = total + parts["l1_exp"]
     if head == "ldl":
         logits = outputs["logits"]
-        parts["kl"] = kl_to_target(logits, target_distribution(target, num_bins=logits.shape[1]))  # eq 3 + KL
+        parts["kl"] = kl_to_target(logits, target_distribution(target, num_bins=logits.shape[1]), weights)  # eq 3
         total = total + kl_weight * parts["kl"]
     parts["loss"] = total
     return total, {name: value.detach() for name, value in parts.items()}

@@ -5,10 +5,16 @@
     RMSE = sqrt(mean (pred - true)^2)
 
 ``score`` works at slice level (what the challenge ranks); ``subject_scores`` scores each subject's mean over
-its slices. CLI::
+its slices. By severity class of the truth (utils.folds: Normal 0, Minimal < 10, Moderate < 25, Extent < 50,
+Severe <= 75, Critical > 75): ``class_scores`` gives each class's slices, MAE and bias (mean of pred - true: negative
+= predicted too low), ``class_balanced_mae`` the mean of the classes' MAE (each class counts the same, whatever its
+share of the slices: a score that a change of the severity mix between data sets does not move). CLI::
 
     python -m utils.metrics SUBMISSION.csv TRUTH.csv [--allow-extra]
-    -> MAE 5.12345678 PC 0.936512345 RMSE 9.250000000
+    -> MAE 5.12345678 PC 0.936512345 RMSE 9.250000000        (the challenge's ranking, first and unchanged)
+       class-balanced MAE 7.1234
+       class     slices    MAE   bias
+       Normal       ...
 
 CSV files have columns ``name, value[, subject]``, with or without a header row, LF or CRLF line ends (read by
 utils.csvfiles). Rows are matched by name and scored over the truth's rows. Strict like the challenge: a value that
@@ -64,6 +70,34 @@ def score(pred, true) -> dict[str, float]:
     return {"MAE": mae(pred, true), "PC": pearson(pred, true), "RMSE": rmse(pred, true)}
 
 
+def class_scores(pred, true) -> pd.DataFrame:
+    """Per severity class of `true` (those present, in class order): slices, MAE, bias = mean(pred - true)."""
+    from utils.folds import SEVERITY_CLASSES, severity_class
+
+    pred, true = _as_pair(pred, true)
+    classes = np.asarray(severity_class(true))
+    rows = []
+    for name in SEVERITY_CLASSES:
+        mask = classes == name
+        if mask.any():
+            error = pred[mask] - true[mask]
+            rows.append({"class": name, "slices": int(mask.sum()), "MAE": float(np.mean(np.abs(error))),
+                         "bias": float(np.mean(error))})
+    return pd.DataFrame(rows, columns=["class", "slices", "MAE", "bias"])
+
+
+def class_balanced_mae(pred, true) -> float:
+    """The mean of the severity classes' MAE (the classes present in `true`)."""
+    return float(class_scores(pred, true)["MAE"].mean())
+
+
+def format_class_scores(table: pd.DataFrame) -> str:
+    """The CLI's class lines: the class-balanced MAE, then one row per class."""
+    lines = [f"class-balanced MAE {table['MAE'].mean():.4f}", f"{'class':<9} {'slices':>6} {'MAE':>8} {'bias':>8}"]
+    lines += [f"{r['class']:<9} {r['slices']:>6d} {r['MAE']:>8.3f} {r['bias']:>+8.3f}" for _, r in table.iterrows()]
+    return "\n".join(lines)
+
+
 def subject_scores(pred, true, subjects) -> dict[str, float]:
     """The same metrics on each subject's mean prediction vs mean truth over its slices."""
     pred, true = _as_pair(pred, true)
@@ -94,10 +128,11 @@ def read_prediction_csv(path: str | Path, value_name: str = "value") -> pd.DataF
     return frame
 
 
-def score_files(submission_path: str | Path, truth_path: str | Path, allow_extra: bool = False) -> dict[str, float]:
-    """Slice-level metrics of a submission CSV against a truth CSV. Every truth row needs its prediction; a
-    prediction for an image the truth does not have is an error too (the challenge rejects such a file) unless
-    `allow_extra`."""
+def matched_files(submission_path: str | Path, truth_path: str | Path,
+                  allow_extra: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, truth) of a submission CSV and a truth CSV, in the truth's order. Every truth row needs its
+    prediction; a prediction for an image the truth does not have is an error too (the challenge rejects such a
+    file) unless `allow_extra`."""
     submission = read_prediction_csv(submission_path, "prediction")
     truth = read_prediction_csv(truth_path, "percentage")
     predicted = dict(zip(submission["name"], submission["value"]))
@@ -114,7 +149,12 @@ def score_files(submission_path: str | Path, truth_path: str | Path, allow_extra
         raise PredictionFileError(f"{submission_path} has {len(extra)} row(s) for images not in {truth_path} "
                                   f"({shown}); the challenge rejects such a file: remove them, or pass --allow-extra "
                                   "to score the file anyway")
-    return score([predicted[name] for name in truth["name"]], truth["value"])
+    return np.array([predicted[name] for name in truth["name"]], dtype=np.float64), truth["value"].to_numpy(np.float64)
+
+
+def score_files(submission_path: str | Path, truth_path: str | Path, allow_extra: bool = False) -> dict[str, float]:
+    """Slice-level metrics of a submission CSV against a truth CSV (`matched_files`)."""
+    return score(*matched_files(submission_path, truth_path, allow_extra))
 
 
 def format_scores(scores: dict[str, float]) -> str:
@@ -131,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-extra", action="store_true", help="ignore predictions for images the truth lacks")
     args = parser.parse_args(argv)
     try:
-        scores = score_files(args.submission, args.truth, allow_extra=args.allow_extra)
+        pred, true = matched_files(args.submission, args.truth, allow_extra=args.allow_extra)
     except (FileNotFoundError, PredictionFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_scores(scores))
+    print(format_scores(score(pred, true)))
+    print(format_class_scores(class_scores(pred, true)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils import cli
+
+    sys.exit(cli.run(main))

@@ -50,8 +50,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from utils import files
-from utils.jobs import usable_cores
+from utils import csvfiles, files
+from utils.machine import usable_cores
 
 FORMAT_VERSION = 1
 MANIFEST = "phantoms.json"
@@ -462,7 +462,9 @@ def _render_job(job: tuple) -> tuple[str, float]:
 
 
 def _write_labels(path: Path, rows: list[tuple[str, float, int]]) -> None:
-    files.write_text(path, "".join(f"{name},{percentage:.1f},{subject}\r\n" for name, percentage, subject in rows))
+    # the official Train.csv's format: no header, CRLF, percentages written as 12.0
+    csvfiles.write_rows(path, [(name, f"{percentage:.1f}", subject) for name, percentage, subject in rows],
+                        line_end="\r\n")
 
 
 def _readme(parameters: dict, counts: dict) -> str:

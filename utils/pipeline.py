@@ -1,7 +1,7 @@
 """Run the whole recipe: the numbered notebooks with papermill, every training as Dask jobs (`./run_all.sh`).
 
-    python -m utils.pipeline [--profile NAME|PATH] [--data DIR] [--name RUN] [--force] [-p KEY VALUE]...
-                             [--jobs N] [--jobs-per-gpu K] [--scheduler ADDRESS] [--stages LIST]
+    python -m utils.pipeline [--profile NAME|PATH] [--data DIR] [--name RUN] [--workdir DIR] [--force]
+                             [-p KEY VALUE]... [--jobs N] [--jobs-per-gpu K] [--scheduler ADDRESS] [--stages LIST]
 
 Like MONAI's tutorial runner: one papermill execution per notebook, executed copies saved under
 `runs/<name>/notebooks/`, the first failing step stops the run (non-zero exit, its error printed). The plan
@@ -9,24 +9,27 @@ Like MONAI's tutorial runner: one papermill execution per notebook, executed cop
 
     00_eda, 01_folds,
     [self-supervised pretraining of the backbones, when the profile sets selfsup_epochs (utils.selfsup)],
-    train jobs: every (model, fold) of the profile (utils.jobs, on Dask), then 02_train per model (the report:
-        its folds are reused, it shows the curves and the fold table),
+    train jobs: every (model, fold) of the profile (utils.jobs, on Dask), then 02_train per model with
+        role='report' (its folds are the jobs'; it shows the curves and the fold table),
     03_ensemble,
-    04_pseudo_label (writes the pseudo-labels), and for the profile's pseudo_label_models:
+    04_pseudo_label (role='report': writes the pseudo-labels), and for the profile's pseudo_label_models:
         train jobs of the retrains, 02_train per retrain, 04_pseudo_label again (Table 3, the final ensemble),
-    05_submit.
+    05_submit, 06_explain (intervals with their coverage, saliency maps, per-scan tables).
 
-Before anything runs or is written, every setting of the profile and of `-p` is checked (utils.config:
-unknown keys, types, ranges). The run holds `runs/<name>/.lock` (one run per folder) and first removes the temporary
-files of killed runs. A rerun reuses finished work (trained folds, kept checkpoints, predictions) unless `--force`,
-which starts the run afresh. Each notebook gets only the parameters its `parameters` cell declares: the profile's
-`params`, then `-p` overrides, then the run's paths.
+Every notebook gets the same recipe parameters a user sets in Jupyter, `profile` (the file) and `overrides` (the
+`-p` values), and the run's paths; it resolves them with utils.runs as the pipeline does. Before anything runs or
+is written, every setting of the profile and of `-p` is checked (utils.config: unknown or duplicate keys, types,
+ranges), and so is what the machine must offer: the device asked for, the scheduler's address, `--jobs` against
+the cores and the trainings there are. The run holds `runs/<name>/.lock` (one run per folder) and first removes the
+temporary files of killed runs. A rerun reuses finished work (trained folds, kept checkpoints, predictions) unless
+`--force`, which starts the run afresh. Outputs go under `--workdir` (default: the checkout, or $PERCOVID_WORKDIR):
+runs/, submissions/, data/phantoms, data/cache.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import os
 import shutil
 import sys
 import time
@@ -37,21 +40,20 @@ from typing import Any
 
 import yaml
 
-from utils import files, jobs
+from utils import cli, files, jobs, machine, runs, selfsup
 from utils.config import (
-    DEFAULT_DATA_DIR,
     REPO_ROOT,
+    WORKDIR_ENV,
     ConfigError,
-    PathSettings,
     TrainConfig,
-    check_run_settings,
     load_profile,
+    workdir,
 )
 
 log = logging.getLogger("utils.pipeline")  # not __name__: "__main__" under python -m
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-STAGES = ("00_eda", "01_folds", "02_train", "03_ensemble", "04_pseudo_label", "05_submit")
+STAGES = ("00_eda", "01_folds", "02_train", "03_ensemble", "04_pseudo_label", "05_submit", "06_explain")
 KERNEL_NAME = "percovid"
 # The kernels' own start-up chatter a user cannot act on (e.g. ipykernel's "running over TCP without encryption"
 # warning: its TCP ports are bound to 127.0.0.1 and used by this process alone).
@@ -83,13 +85,16 @@ class Step:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="run_all.sh", description="Run the whole recipe: notebooks with papermill, trainings as Dask jobs.",
-        epilog="./run_all.sh --test [PYTEST ARGS] runs the lint and the test suite instead.",
+        epilog="./run_all.sh --test [PYTEST ARGS] runs the lint and the test suite instead; ./run_all.sh --no-venv "
+               "... runs in the current Python environment (Kaggle, Colab).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--profile", default="demo", help="profile name in notebooks/profiles/ or a YAML path (default: demo)")
     add("--data", default=None, help="data folder in the official layout (default: the phantom set, made in "
-        f"{DEFAULT_DATA_DIR.relative_to(REPO_ROOT)} on first use)")
+        "<workdir>/data/phantoms on first use)")
     add("--name", default=None, help="run name: runs/<name>/, submissions/<name>.csv (default: the profile's name)")
+    add("--workdir", default=None, help=f"where every output goes: runs/, submissions/, data/ (default: "
+        f"${WORKDIR_ENV}, else the checkout); a read-only checkout needs one")
     add("--force", action="store_true", help="discard runs/<name>/ and start afresh instead of resuming")
     add("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
         help="override one setting for every notebook (VALUE parsed as YAML: 3, 0.1, [0,1], true)")
@@ -98,7 +103,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--scheduler", default=None, help="address of a running Dask scheduler to send the trainings to "
         f"(default: ${jobs.SCHEDULER_ENV}, else a local cluster)")
     add("--kernel", default=None, help=f"Jupyter kernel (default: {KERNEL_NAME} if registered, else python3)")
-    add("--workdir", default=str(REPO_ROOT), help=argparse.SUPPRESS)  # tests: runs/, submissions/, data/ elsewhere
     add("--stages", default=",".join(STAGES), help="comma-separated subset of stages to run (debugging)")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
@@ -112,8 +116,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def parse_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
-    values = {}
+    values: dict[str, Any] = {}
     for key, text in pairs:
+        if key in values:
+            raise ConfigError(f"-p {key} is given twice ({values[key]!r} and {text!r}): keep one", key=key)
         try:
             values[key] = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -135,42 +141,50 @@ def choose_kernel(requested: str | None) -> str:
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-def plan(profile: dict[str, Any], settings: dict[str, Any], overrides: dict[str, Any], paths: dict[str, str],
-         stages: Sequence[str]) -> list[Step]:
+def plan(run: runs.Run, submission_csv: Path, stages: Sequence[str]) -> list[Step]:
     """Every step of the run, in order (see the module docstring)."""
-    base = {**profile["params"], **overrides, **paths}
-    models, retrains, pretrainings = settings["train"], settings["pseudo"], {}
-    if not models:
-        raise ConfigError(f"{profile['path']}: the profile lists no models to train")
-    if settings["selfsup"].selfsup_epochs:
-        from utils import selfsup
-
-        out_dir = Path(paths["run_dir"]) / "selfsup"
-        models, pretrainings = selfsup.with_pretraining(models, settings["selfsup"].selfsup_epochs,
-                                                        settings["selfsup"].selfsup_method, out_dir)
-        retrains, _ = selfsup.with_pretraining(retrains, settings["selfsup"].selfsup_epochs,
-                                               settings["selfsup"].selfsup_method, out_dir)
+    base = {"profile": run.profile["path"], "overrides": run.overrides, **run.paths.to_dict(),
+            "submission_csv": str(submission_csv)}
 
     def trained(stage: str, configs: list[TrainConfig]) -> list[Step]:
         """The jobs, then 02_train per model as its report."""
         return [Step(stage, train=configs)] + [Step(stage, "02_train", f"02_train__{c.model_name}",
-                                                    {**base, **c.to_dict(), **paths}) for c in configs]
+                                                    {**base, "train_models": [c.model_name], "role": "report"})
+                                               for c in configs]
 
     steps: list[Step] = []
     for stage in stages:
         if stage == "02_train":
-            steps += ([Step(stage, pretrain=pretrainings)] if pretrainings else []) + trained(stage, models)
-        elif stage == "03_ensemble":
-            steps.append(Step(stage, stage, stage, {**base, "models": [c.model_name for c in models]}))
+            pretrain = run.pretrainings_for(run.train)
+            steps += ([Step(stage, pretrain=pretrain)] if pretrain else []) + trained(stage, run.train)
         elif stage == "04_pseudo_label":
-            labelled = {**base, "models": [c.model_name for c in models]}
-            steps.append(Step(stage, stage, stage, labelled))
-            if retrains:
-                steps += trained(stage, retrains)
-                steps.append(Step(stage, stage, f"{stage}__after_retraining", labelled))
+            steps.append(Step(stage, stage, stage, {**base, "role": "report"}))
+            if run.pseudo:
+                steps += trained(stage, run.pseudo)
+                steps.append(Step(stage, stage, f"{stage}__after_retraining", {**base, "role": "report"}))
         else:
             steps.append(Step(stage, stage, stage, base))
     return steps
+
+
+def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
+    """What the machine must offer, checked before 00 runs: the device asked for (on a local cluster; an external
+    scheduler's workers have their own), the scheduler's address, and --jobs against the cores and the trainings."""
+    configs = run.train + run.pseudo
+    if runner.scheduler is None:
+        for cfg in configs:
+            machine.check_device(cfg.device)
+    else:
+        jobs.check_scheduler(runner.scheduler)
+    if runner.jobs is not None:
+        if runner.jobs > runner.cores:
+            raise ConfigError(f"--jobs {runner.jobs}: this machine lets the run use {runner.cores} core(s); use at "
+                              f"most --jobs {runner.cores} (each training needs a core of its own)")
+        most = max(sum(len(c.folds) for c in run.train), sum(len(c.folds) for c in run.pseudo))
+        if runner.jobs > most:
+            log.info("--jobs %d: this run has at most %d training(s) at once; starting %d worker(s)", runner.jobs,
+                     most, most)
+            runner.jobs = most
 
 
 def _start_run_folder(run_dir: Path, force: bool, submission_csv: Path) -> None:
@@ -201,54 +215,55 @@ def _run_notebook(step: Step, run_dir: Path, declared: set[str], kernel: str) ->
 def run(argv: Sequence[str] | None = None) -> Path | None:
     """Run the stages; returns the submission path when the submit stage ran."""
     args = parse_args(argv)
+    if args.workdir:
+        os.environ[WORKDIR_ENV] = str(Path(args.workdir).expanduser().resolve())  # the kernels and jobs inherit it
+    root = workdir()
     profile = load_profile(args.profile)
-    overrides = parse_overrides(args.param)
-    settings = check_run_settings(profile, overrides)  # before anything is decoded or written
     name = args.name or Path(profile["path"]).stem
-    workdir = Path(args.workdir).resolve()
-    run_dir = workdir / "runs" / name
-    submission_csv = workdir / "submissions" / f"{name}.csv"
-    cache_dir = workdir / "data" / "cache"
+    run_dir, submission_csv = root / "runs" / name, root / "submissions" / f"{name}.csv"
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise PipelineError(f"--data {args.data}: no such folder (expected the official layout: Train/, Val/[, Test/])")
-    kernel = choose_kernel(args.kernel)
+    # before anything is decoded or written: every setting, then what the machine must offer
+    recipe = runs.resolve(profile, parse_overrides(args.param), args.data, run_dir, root / "data" / "cache")
     runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu, keep_cluster=True)
-    with files.RunLock(run_dir), contextlib.closing(runner):  # closing: the local Dask cluster, kept across stages
-        _start_run_folder(run_dir, args.force, submission_csv)
-        files.remove_debris(run_dir, cache_dir, submission_csv.parent, workdir / "data")
-        data_dir = Path(args.data).expanduser() if args.data else workdir / "data" / "phantoms"
-        if args.data is None and not (data_dir / "Train").is_dir():
-            from utils import phantoms
-
-            log.info("making the phantom CT data set in %s (first run only)", data_dir)
-            phantoms.generate_phantoms(data_dir)
-        where = PathSettings(str(data_dir), str(run_dir), str(cache_dir)).resolved()
-        paths = {**where.to_dict(), "submission_csv": str(submission_csv)}
-        steps = plan(profile, settings, overrides, paths, args.stages.split(","))
-        declared = {s.notebook: declared_parameters(NOTEBOOKS_DIR / f"{s.notebook}.ipynb") for s in steps if s.notebook}
-        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-        files.write_text(run_dir / "run_config.yaml", yaml.safe_dump(
-            {"profile": profile["path"], "name": name, "overrides": overrides, **paths, "kernel": kernel,
-             "command": " ".join(sys.argv), "settings": {k: [c.to_dict() for c in v] if isinstance(v, list)
-                                                         else v.to_dict() for k, v in settings.items()}},
-            sort_keys=False))
-        for step in steps:
-            log.info("== %s", step.title + (f"  ->  {_shown(run_dir / 'notebooks' / (step.output + '.ipynb'))}"
-                                             if step.notebook else ""))
-            started = time.perf_counter()
-            if step.notebook:
-                _run_notebook(step, run_dir, declared[step.notebook], kernel)
-            elif step.pretrain:
-                from utils import selfsup
-
-                selfsup.run_pretraining(step.pretrain, where.data_dir, where.cache_dir)
-            else:
-                try:
-                    jobs.run_training(step.train, run_dir, where.data_dir, where.cache_dir, runner)
-                except jobs.JobFailed as error:
-                    raise PipelineError(f"training job failed: {error}") from None
-            log.info("   done in %.1f s", time.perf_counter() - started)
+    check_machine(recipe, runner)
+    kernel = choose_kernel(args.kernel)
+    with files.RunLock(run_dir):
+        try:
+            _start_run_folder(run_dir, args.force, submission_csv)
+            files.remove_debris(run_dir, recipe.paths.cache_dir, submission_csv.parent, root / "data")
+            recipe.ensure_data()
+            _run_steps(recipe, runner, submission_csv, args, kernel)
+        finally:
+            runner.close()  # the local Dask cluster, kept across the stages
     return submission_csv if "05_submit" in args.stages.split(",") else None
+
+
+def _run_steps(recipe: runs.Run, runner: jobs.Runner, submission_csv: Path, args: argparse.Namespace,
+               kernel: str) -> None:
+    run_dir, where = Path(recipe.paths.run_dir), recipe.paths
+    steps = plan(recipe, submission_csv, args.stages.split(","))
+    declared = {s.notebook: declared_parameters(NOTEBOOKS_DIR / f"{s.notebook}.ipynb") for s in steps if s.notebook}
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    files.write_text(run_dir / "run_config.yaml", yaml.safe_dump(
+        {"profile": recipe.profile["path"], "name": recipe.name, "overrides": recipe.overrides, **where.to_dict(),
+         "submission_csv": str(submission_csv), "kernel": kernel, "command": " ".join(sys.argv),
+         "settings": {k: [c.to_dict() for c in v] if isinstance(v, list) else v.to_dict()
+                      for k, v in recipe.settings.items()}}, sort_keys=False))
+    for step in steps:
+        log.info("== %s", step.title + (f"  ->  {_shown(run_dir / 'notebooks' / (step.output + '.ipynb'))}"
+                                         if step.notebook else ""))
+        started = time.perf_counter()
+        if step.notebook:
+            _run_notebook(step, run_dir, declared[step.notebook], kernel)
+        elif step.pretrain:
+            selfsup.run_pretraining(step.pretrain, where.data_dir, where.cache_dir)
+        else:
+            try:
+                jobs.run_training(step.train, run_dir, where.data_dir, where.cache_dir, runner)
+            except jobs.JobFailed as error:
+                raise PipelineError(f"training job failed: {error}") from None
+        log.info("   done in %.1f s", time.perf_counter() - started)
 
 
 def _shown(path: Path) -> str:
@@ -259,12 +274,8 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        submission = run(argv)
-    except (PipelineError, ConfigError, files.RunLocked, files.IntegrityError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def _main(argv: Sequence[str] | None) -> int:
+    submission = run(argv)
     if submission is None:
         return 0
     if not submission.is_file():
@@ -272,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"submission: {_shown(submission)}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, errors=(PipelineError, jobs.JobFailed), code=1)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ config and kept checkpoints (hard links to the run's files where the file system
 `manifest.json` with the ensemble's recipe, each model's preprocessing and the size and SHA-256 of every file. It
 loads with `torch.load(weights_only=True)` on another machine, without the data or the run folder; every file is
 verified against the manifest first. `--average-checkpoints` stores one weight set per fold instead (the mean of its
-kept checkpoints' weights, BatchNorm statistics included): k times smaller, not the same predictions (the README
-gives the measured OOF difference).
+kept checkpoints' weights, BatchNorm statistics included): k times smaller, not the same predictions (docs/predict.md
+gives the measured OOF difference). The export is closed: every file prediction loads (each model's config and
+weights) must be listed in `files` with its digest, and a manifest that lists less, or lacks a key, is refused
+naming what is missing.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from utils import data, ensemble, files, submission, train
+from utils import cli, csvfiles, data, ensemble, files, intervals, machine, submission, train
 from utils.config import RunPaths, TrainConfig
 
 log = logging.getLogger("utils.predict")  # not __name__: "__main__" under python -m
@@ -68,24 +70,43 @@ class EnsembleModel:
 # ----------------------------------------------------------------------------------------------- loading an ensemble
 
 
-def _run_models(run_dir: Path) -> list[str]:
+def _final_stem(run_dir: Path) -> str:
+    """The run's final ensemble: after pseudo-labelling (`final`), else 03's (`ensemble`)."""
     ensemble_dir = RunPaths(run_dir).ensemble
     for stem in ("final", "ensemble"):
         if (ensemble_dir / f"{stem}_models.txt").is_file():
-            return ensemble.read_ensemble_models(ensemble_dir, stem)
+            return stem
     raise PredictError(f"no finished ensemble in {run_dir} ({ensemble_dir}/ensemble_models.txt is missing): run the "
                        "pipeline through 03_ensemble first (./run_all.sh --name <run> ...)")
+
+
+def load_calibration(run_or_export: str | os.PathLike) -> intervals.Calibration:
+    """The out-of-fold calibration of the final ensemble's intervals (a run's ensemble/, or an export's)."""
+    path = Path(run_or_export)
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if not manifest.get("calibration"):
+            raise intervals.IntervalError(f"{path} holds no interval calibration: export the run again with this "
+                                          "version (python -m utils.predict export RUN)")
+        return intervals.Calibration.load(path / manifest["calibration"])
+    return intervals.Calibration.load(RunPaths(path).ensemble / ensemble.calibration_name(_final_stem(path)))
+
+
+def final_models(run_dir: str | os.PathLike) -> list[str]:
+    """The models of the run's final ensemble (after pseudo-labelling, else 03's)."""
+    return ensemble.read_ensemble_models(RunPaths(run_dir).ensemble, _final_stem(run_dir))
 
 
 def _from_run(run_dir: Path) -> list[EnsembleModel]:
     """The run's final ensemble; every finished fold's files are verified against their integrity records."""
     paths, models = RunPaths(run_dir), []
-    for name in _run_models(run_dir):
+    for name in final_models(run_dir):
         weights, config = {}, None
         for model_name, fold, predictions_csv in paths.fold_files("predictions.csv"):
             if model_name == name:
                 fold_dir = predictions_csv.parent
                 files.verify_folder(fold_dir, f"rerun that fold (delete {fold_dir}) or the run with --force")
+                ensemble.read_predictions(predictions_csv)  # a diverged fold (NaN predictions) is never exported
                 config = TrainConfig.load_yaml(fold_dir / "config.yaml")
                 weights[fold] = [train.checkpoint_path(fold_dir, epoch) for epoch in train.kept_epochs(config)]
         if config is None:
@@ -94,16 +115,38 @@ def _from_run(run_dir: Path) -> list[EnsembleModel]:
     return models
 
 
-def _from_export(export_dir: Path) -> list[EnsembleModel]:
+def read_manifest(export_dir: Path) -> dict[str, Any]:
+    """An export's manifest, its shape checked: a missing key or a file that prediction loads without a digest in
+    `files` is a PredictError naming it (the export is closed: nothing unlisted is ever loaded)."""
     manifest_path = export_dir / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:
         raise PredictError(f"{manifest_path} is unreadable ({error}): export the run again "
                            "(python -m utils.predict export RUN)") from None
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise PredictError(f"{manifest_path}: export format {manifest.get('format')!r}, this version reads "
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise PredictError(f"{manifest_path}: export format {found!r}, this version reads "
                            f"{EXPORT_FORMAT}: export the run again with this version")
+    way_out = f"export the run again (python -m utils.predict export {manifest.get('run', 'RUN')})"
+    missing = [key for key in ("files", "models", "ensemble") if not isinstance(manifest.get(key), (dict, list))]
+    if missing:
+        raise PredictError(f"{manifest_path} has no {', '.join(repr(k) for k in missing)}: it is incomplete or was "
+                           f"edited; {way_out}")
+    for index, model in enumerate(manifest["models"]):
+        if not isinstance(model, dict) or not {"name", "config", "folds"} <= set(model):
+            raise PredictError(f"{manifest_path}: models[{index}] lacks name, config or folds; {way_out}")
+        loaded = [model["config"]] + [name for names in model["folds"].values() for name in names]
+        unlisted = [name for name in loaded if name not in manifest["files"]]
+        if unlisted:
+            raise PredictError(f"{manifest_path}: {export_dir / unlisted[0]} (model {model['name']}) is loaded for "
+                               f"prediction but has no size and digest in the manifest's files, so it cannot be "
+                               f"checked: refused; {way_out}")
+    return manifest
+
+
+def _from_export(export_dir: Path) -> list[EnsembleModel]:
+    manifest = read_manifest(export_dir)
     way_out = f"copy the export again, or export the run again (python -m utils.predict export {manifest['run']})"
     for relative, entry in manifest["files"].items():
         files.check_entry(export_dir / relative, entry, way_out)
@@ -131,11 +174,15 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
     rows = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if data.is_image_file(p))
+            entries = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = [p for p in entries if data.is_image_file(p)]
+            data.warn_skipped(item, [p for p in entries if not data.is_image_file(p)])
             if not found:
                 raise PredictError(f"{item}: no .png/.jpg/.jpeg images in it or below it; point at the slices")
+            data.check_image_names(found)
             rows += [(p.name, str(p.absolute())) for p in found]
         elif item.is_file():
+            data.check_image_names([item])
             rows.append((item.name, str(item.absolute())))
         else:
             raise PredictError(f"{item}: no such file or folder")
@@ -156,13 +203,14 @@ def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, dev
             if key not in decoded:
                 decoded[key] = data.cached_images(frame, decoded_dir, cfg.img_size, cfg.in_chans, split=SPLIT,
                                                   num_workers=workers, progress=progress)
-            torch_device = train.resolve_device(cfg)
+            torch_device = machine.resolve_device(cfg.device)
             net = train.build_model_for(cfg, torch_device, for_checkpoint=True)
             for fold in sorted(model.weights):
                 for epoch, path in enumerate(model.weights[fold]):
                     net.load_state_dict(files.load_torch(path, "export or rerun it again", map_location=torch_device))
-                    values = train.predict(net, decoded[key], cfg, torch_device, batch_size=batch_size,
-                                           progress=progress)
+                    values = train.check_finite(
+                        train.predict(net, decoded[key], cfg, torch_device, batch_size=batch_size, progress=progress),
+                        f"{path}", "these weights are broken (a diverged training): retrain with a lower lr")
                     frames.append(pd.DataFrame({"model": model.name, "fold": fold, "split": SPLIT,
                                                 "name": frame["key"], "epoch": epoch, "prediction": values}))
     return pd.concat(frames, ignore_index=True)
@@ -170,24 +218,39 @@ def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, dev
 
 def predict_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.PathLike], rounding: bool = True,
                    device: str = "auto", batch_size: int | None = None, workers: int = 0,
-                   progress: bool = True) -> pd.DataFrame:
-    """name, path, prediction of every image of `inputs` by the ensemble of a run or export (module docstring)."""
+                   progress: bool = True, level: float | None = None) -> pd.DataFrame:
+    """name, path, prediction of every image of `inputs` by the ensemble of a run or export (module docstring);
+    with `level`, also `low` and `high`: the conformal interval of that coverage around the unrounded prediction
+    (utils.intervals, calibrated on the run's out-of-fold residuals)."""
     models = load_ensemble(run_or_export)
+    calibration = load_calibration(run_or_export) if level is not None else None
+    if level is not None:
+        intervals.check_level(level)
     frame = find_images(inputs)
     frame["key"] = frame["path"] if frame["name"].duplicated(keep=False).any() else frame["name"]
     predictions = checkpoint_predictions(models, frame, device, batch_size, workers, progress)
     per_model = ensemble.average_checkpoints_and_folds(predictions)
-    combined = ensemble.combine_models(per_model, [m.name for m in models], rounding=rounding)
+    names = [m.name for m in models]
+    combined = ensemble.combine_models(per_model, names, rounding=rounding)
     out = frame.merge(combined[["name", "prediction"]].rename(columns={"name": "key"}), on="key", validate="1:1")
-    return out[["name", "path", "prediction"]]
+    columns = ["name", "path", "prediction"]
+    if calibration is not None:
+        unrounded = ensemble.combine_models(per_model, names, rounding=False).set_index("name")["prediction"]
+        out["low"], out["high"] = calibration.intervals(unrounded.loc[out["key"]].to_numpy(), level)
+        columns += ["low", "high"]
+    return out[columns]
 
 
 def format_predictions(rows: pd.DataFrame) -> str:
-    """The submission format (`name,prediction`, no header); a path column when names clash."""
-    if not rows["name"].duplicated().any():
+    """The submission format (`name,prediction`, no header), then `low,high` when intervals were asked for; a path
+    column last when names clash."""
+    if not rows["name"].duplicated().any() and "low" not in rows:
         return submission.format_submission(rows)
-    return "".join(f"{name},{float(value):.10g},{path}\n"
-                   for name, value, path in zip(rows["name"], rows["prediction"], rows["path"]))
+    extra = [c for c in ("low", "high") if c in rows]
+    clash = rows["name"].duplicated(keep=False).any()
+    return csvfiles.format_rows(
+        [row["name"], *(f"{float(row[c]):.10g}" for c in ["prediction", *extra]), *([row["path"]] if clash else [])]
+        for _, row in rows.iterrows())
 
 
 # ----------------------------------------------------------------------------------------------- the export
@@ -225,8 +288,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                      "combine": "mean over each fold's weight files, then over folds, then over models; clip to "
                                 "[0, 100]; round half up",
                      "checkpoints_averaged": average_checkpoints},
-        "models": [], "files": {}}
+        "models": [], "files": {}, "calibration": None}
+    calibration = RunPaths(run_dir).ensemble / ensemble.calibration_name(_final_stem(run_dir))
     with files.atomic_path(out) as temporary:
+        temporary.mkdir(parents=True)
+        if calibration.is_file():  # a run on data without folds to calibrate on has none: no --interval then
+            shutil.copy2(calibration, temporary / intervals.CALIBRATION_FILE)
+            manifest["calibration"] = intervals.CALIBRATION_FILE
         for model in models:
             folder = Path("models") / model.name
             model.config.save_yaml(temporary / folder / "config.yaml")
@@ -257,7 +325,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         parser = argparse.ArgumentParser(prog="python -m utils.predict export",
@@ -276,23 +344,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--batch-size", type=int, default=None, help="default: max(the model's batch, 32)")
         parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         parser.add_argument("--workers", type=int, default=0, help="processes decoding and loading images")
+        parser.add_argument("--interval", type=float, default=None, metavar="LEVEL",
+                            help="also write each prediction's conformal interval of this coverage, e.g. 0.9 "
+                                 "(rows name,prediction,low,high)")
         args = parser.parse_args(argv)
-    try:
-        if argv[:1] == ["export"]:
-            manifest = export_run(args.run, args.out, args.average_checkpoints)
-            print(f"wrote {args.out or RunPaths(args.run).export}: {len(manifest['files'])} files, models "
-                  f"{', '.join(manifest['ensemble']['models'])}")
-            return 0
-        started = time.perf_counter()
-        rows = predict_images(args.source, args.images, rounding=not args.no_round, device=args.device,
-                              batch_size=args.batch_size, workers=args.workers)
-        files.write_text(args.out, format_predictions(rows))
-        seconds = time.perf_counter() - started
-        print(f"wrote {args.out}: {len(rows)} slices in {seconds:.1f} s ({len(rows) / seconds:.1f} slices/s)")
+    if argv[:1] == ["export"]:
+        manifest = export_run(args.run, args.out, args.average_checkpoints)
+        print(f"wrote {args.out or RunPaths(args.run).export}: {len(manifest['files'])} files, models "
+              f"{', '.join(manifest['ensemble']['models'])}")
         return 0
-    except (PredictError, data.DataError, files.IntegrityError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    machine.check_device(args.device, "--device")
+    if args.interval is not None:
+        intervals.check_level(args.interval)
+    started = time.perf_counter()
+    rows = predict_images(args.source, args.images, rounding=not args.no_round, device=args.device,
+                          batch_size=args.batch_size, workers=args.workers, progress=sys.stderr.isatty(),
+                          level=args.interval)
+    files.write_text(args.out, format_predictions(rows))
+    seconds = time.perf_counter() - started
+    print(f"wrote {args.out}: {len(rows)} slices in {seconds:.1f} s ({len(rows) / seconds:.1f} slices/s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, errors=(PredictError, data.DataError, FileNotFoundError, ensemble.EnsembleError,
+                                         train.TrainingDiverged, csvfiles.CsvError, intervals.IntervalError))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils import ensemble, files
+from utils import csvfiles, ensemble
 from utils.config import PSEUDO_SUFFIX, RunPaths, pseudo_label_name
 
 
@@ -31,7 +31,7 @@ def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None
         return pd.DataFrame(columns=["name", "split", "percentage"])
     combined = ensemble.combine_models(unlabeled, models, rounding=False)
     labels = combined.rename(columns={"prediction": "percentage"})[["name", "split", "percentage"]]
-    files.write_text(paths.pseudo_labels_csv, labels.to_csv(index=False))
+    csvfiles.write_frame(paths.pseudo_labels_csv, labels)
     return labels
 
 
@@ -53,16 +53,19 @@ def comparison_table(run_dir: str | Path, per_model: pd.DataFrame, truth: pd.Dat
         table = ensemble.oof_table(pair[pair["name"].isin(common)], truth)
         rows.append(table.assign(pseudo_labels=table["model"] == name, base_model=base))
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "MAE", "PC", "RMSE"])
-    files.write_text(RunPaths(run_dir).pseudo / "table3.csv", table.to_csv(index=False))
+    csvfiles.write_frame(RunPaths(run_dir).pseudo / "table3.csv", table)
     return table
 
 
-def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequence[str]) -> list[str]:
+def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequence[str],
+                   truth: pd.DataFrame | None = None) -> list[str]:
     """The submission's ensemble: the original ensemble with each retrained model in place of its original."""
     paths = RunPaths(run_dir)
     models = ensemble.read_ensemble_models(paths.ensemble)
     swapped = {name.removesuffix(PSEUDO_SUFFIX): name for name in retrained}
     final = [swapped.get(m, m) for m in models]
     combined = ensemble.combine_models(per_model, final, rounding=True)
+    if truth is not None:
+        ensemble.write_calibration(per_model, final, truth, paths.ensemble, stem="final")
     ensemble.write_ensemble(combined, paths.ensemble, final, stem="final")
     return final

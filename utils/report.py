@@ -150,3 +150,55 @@ def cross_validation(table: pd.DataFrame, per_fold: pd.DataFrame, title: str = "
     ax.set(title=f"{title}: pooled OOF MAE (bars), each fold's MAE (dots)", xlabel="MAE (lower is better)", ylabel="")
     fig.tight_layout()
     return fig
+
+
+def coverage_by_class(tables: dict[str, pd.DataFrame], level: float) -> plt.Figure:
+    """Coverage of the prediction intervals overall and per true severity class, one bar group per method
+    (utils.intervals.coverage_table), the nominal level as a line; the mean width on each bar."""
+    frame = pd.concat([t.assign(method=m) for m, t in tables.items()], ignore_index=True)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.barplot(data=frame, x="class", y="coverage", hue="method", ax=ax)
+    for container in ax.containers:
+        widths = frame[frame["method"] == container.get_label()]["mean_width"].to_numpy()
+        ax.bar_label(container, labels=[f"±{w / 2:.1f}" for w in widths], fontsize=8)
+    ax.axhline(level, color="black", lw=1, ls="--")
+    ax.set(ylim=(0, 1.08), title=f"{level:.0%} intervals: coverage (bars) and half-width (labels), held-out folds",
+           xlabel="true severity class")
+    fig.tight_layout()
+    return fig
+
+
+def interval_widths(prediction: np.ndarray, low: np.ndarray, high: np.ndarray) -> plt.Figure:
+    """Interval width against the predicted value: the error grows with severity, so does the width."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(prediction, high - low, s=8, alpha=0.5)
+    ax.set(xlabel="predicted %", ylabel="interval width (points)", title="interval width by prediction")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_grid(images: list[np.ndarray], maps: list[np.ndarray], titles: list[str], columns: int = 4) -> plt.Figure:
+    """Slices with their saliency maps over them (utils.explain.heatmaps), a title each."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heatmap, title in zip(axes.flat, images, maps, titles):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=max(float(heatmap.max()), 1e-6))
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def per_scan(table: pd.DataFrame) -> plt.Figure:
+    """Each scan's mean prediction against its mean label (utils.explain.per_scan), sized by its slices."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    sns.scatterplot(data=table, x="mean_truth", y="mean_prediction", size="slices", hue="severity", ax=ax,
+                    hue_order=[c for c in SEVERITY_CLASSES if c in set(table["severity"])])
+    ax.plot([0, 100], [0, 100], color="black", lw=1)
+    ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel="scan's mean label %", ylabel="scan's mean prediction %",
+           title=f"per scan: MAE {table['abs_error'].mean():.2f} over {len(table)} scans")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig

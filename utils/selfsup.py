@@ -14,7 +14,7 @@ Methods (torch alone: each is a projection head and a loss of a few lines, simpl
   gradient; no negatives, so it works at the small batches of a CPU.
 Views: random resized crop (scale 0.35-1), h-flip, rotation up to 20 degrees, brightness/contrast 0.4, blur
 (albumentations, on the gray uint8 slice), then utils.augment.Normalizer as in training. The choice of method and
-length is measured by paired 5-fold CV of the fine-tuned model (README, "Self-supervised pretraining").
+length is measured by paired 5-fold CV of the fine-tuned model (docs/results.md, "Self-supervised pretraining").
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import augment, data, files, models, train
-from utils.config import DEFAULT_CACHE_DIR, ConfigError, check_arch, check_choice
+from utils import augment, csvfiles, data, files, machine, models, train
+from utils.config import ConfigError, check_arch, check_choice, default_cache_dir
 
 log = logging.getLogger("utils.selfsup")  # not __name__: "__main__" under python -m
 
@@ -45,7 +45,7 @@ METHODS = ("simclr", "simsiam")
 
 @dataclass
 class SelfSupConfig:
-    """One pretraining run (its defaults: what the README's measurement used)."""
+    """One pretraining run (its defaults: what docs/results.md's measurement used)."""
 
     arch: str = "resnet10t"
     in_chans: int = 3
@@ -138,8 +138,8 @@ def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: st
     torch.manual_seed(cfg.seed)
     train_cfg = train.TrainConfig(arch=cfg.arch, in_chans=cfg.in_chans, img_size=cfg.img_size, device=device,
                                   batch_size=cfg.batch_size, num_workers=0)
-    torch_device = train.resolve_device(train_cfg)
-    train.prepare_device(torch_device)
+    torch_device = machine.resolve_device(train_cfg.device)
+    machine.prepare_device(torch_device)
     model = SelfSupModel(cfg).to(torch_device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # a small folder still gets whole batches (drop_last keeps NT-Xent's batch statistics even)
@@ -169,7 +169,7 @@ def pretrain(images: np.ndarray, cfg: SelfSupConfig, out: str | Path, device: st
                  history[-1]["loss"], history[-1]["images_per_s"])
     files.save_torch({k: v.cpu() for k, v in model.backbone.state_dict().items()}, out, record=True)
     frame = pd.DataFrame(history)
-    files.write_text(Path(f"{out}.history.csv"), frame.to_csv(index=False))
+    csvfiles.write_frame(Path(f"{out}.history.csv"), frame)
     files.write_text(Path(f"{out}.config.json"), json.dumps(asdict(cfg), indent=1) + "\n")
     return frame
 
@@ -201,10 +201,10 @@ def run_pretraining(runs: dict[Path, SelfSupConfig], data_dir: str | Path, cache
             pretrain(unlabelled_images(data_dir, cfg, cache_dir), cfg, out)
 
 
-def unlabelled_images(data_dir: str | Path, cfg: SelfSupConfig, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+def unlabelled_images(data_dir: str | Path, cfg: SelfSupConfig, cache_dir: str | Path | None = None,
                       splits: Sequence[str] = data.SPLITS) -> np.ndarray:
     """Every slice of the data set's splits (Train's labels unused), decoded at cfg's size."""
-    arrays = []
+    arrays, cache_dir = [], cache_dir or default_cache_dir()
     for split in splits:
         frame = data.load_split(data_dir, split, require_labels=False)
         if frame is not None:
@@ -230,4 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from utils import cli
+
+    raise SystemExit(cli.run(main, errors=(data.DataError,)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils import files
+from utils import csvfiles, files
 
 ZIP_MEMBER = "predictions.csv"
 
@@ -48,8 +48,9 @@ def validate_submission(predictions: pd.DataFrame, expected_names: Iterable[str]
 
 
 def format_submission(rows: pd.DataFrame) -> str:
-    """`name,prediction` lines, no header; numbers in their shortest exact form (13.0 -> 13, 12.25 -> 12.25)."""
-    return "".join(f"{name},{float(value):.10g}\n" for name, value in zip(rows["name"], rows["prediction"]))
+    """`name,prediction` lines, no header; numbers in their shortest exact form (13.0 -> 13, 12.25 -> 12.25); a name
+    with a comma, a quote or a line break quoted as the csv module quotes it (utils.csvfiles, the one writer)."""
+    return csvfiles.format_rows((name, f"{float(value):.10g}") for name, value in zip(rows["name"], rows["prediction"]))
 
 
 def write_submission(predictions: pd.DataFrame, expected_names: Iterable[str], csv_path: str | Path,
@@ -98,7 +99,7 @@ def make_submission(run_dir: str | Path, data_dir: str | Path, split: str, csv_p
     source = next((p for p in (ensemble_dir / "final.csv", ensemble_dir / "ensemble.csv") if p.is_file()), None)
     if source is None:
         raise FileNotFoundError(f"no ensemble predictions in {ensemble_dir}: run notebooks/03_ensemble.ipynb first")
-    predictions = pd.read_csv(source, dtype={"name": str})
+    predictions = csvfiles.read_frame(source, text_columns=("split", "name"))
     frame = data.load_split(data_dir, split) if split in ("Val", "Test") else None
     if frame is not None:
         expected, scored_split = frame["name"], split

@@ -20,7 +20,7 @@ checkpoints, predictions.csv) and cv_summary.csv: one row per (model, fold) with
 checkpoint-averaged prediction, the training speed and seconds. A rerun reuses the finished (model, fold) pairs
 (after checking that their recipe is unchanged) and resumes a killed one after its last finished epoch; a failing
 job does not stop the others. `report` prints the per-model table (utils.ensemble.oof_table: OOF scores pooled over
-folds, the mean +- sd over folds; `--plot` saves the README's figure).
+folds, the mean +- sd over folds; `--plot` saves the figure of docs/results.md).
 """
 from __future__ import annotations
 
@@ -32,12 +32,16 @@ from typing import Any
 
 import pandas as pd
 
-from utils import files, jobs
-from utils.config import DEFAULT_CACHE_DIR, REPO_ROOT, RunPaths, TrainConfig, check_run_settings, load_profile
+from utils import csvfiles, files, jobs
+from utils.config import RunPaths, TrainConfig, check_run_settings, default_cache_dir, load_profile, workdir
 
 log = logging.getLogger("utils.sweep")  # not __name__: "__main__" under python -m
 
-SUMMARY_COLUMNS = ["model", "fold", "MAE", "PC", "RMSE", "n", "train_images_per_s", "seconds"]
+SUMMARY_COLUMNS = ["model", "fold", "MAE", "PC", "RMSE", "MAE_balanced", "n", "train_images_per_s", "seconds"]
+# What `report` prints of utils.ensemble.oof_table (all of it is in the returned table): the challenge's metrics
+# first, then the class-balanced MAE, the fold spread, and each severity class's MAE and bias.
+REPORT_COLUMNS = ["model", "MAE", "PC", "RMSE", "MAE_balanced", "fold_MAE_mean", "fold_MAE_std",
+                  "fold_MAE_balanced_mean", "n_folds"]
 
 
 def plan_models(profiles: Sequence[str], overrides: dict[str, Any], folds: Sequence[int],
@@ -71,9 +75,10 @@ def _summary_row(paths: RunPaths, model_name: str, fold: int, truth: pd.DataFram
     per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(paths.root, [model_name])
                                                        .query("fold == @fold"))
     row = ensemble.oof_table(per_model, truth).iloc[0]
-    history = pd.read_csv(fold_dir / "history.csv")
+    history = csvfiles.read_frame(fold_dir / "history.csv", text_columns=())
     return {"model": model_name, "fold": fold, "MAE": row["MAE"], "PC": row["PC"], "RMSE": row["RMSE"],
-            "n": row["n_slices"], "train_images_per_s": float(history["train_images_per_s"].mean()),
+            "MAE_balanced": row["MAE_balanced"], "n": row["n_slices"],
+            "train_images_per_s": float(history["train_images_per_s"].mean()),
             "seconds": float(history["seconds"].sum())}
 
 
@@ -93,15 +98,18 @@ def _check_folds(paths: RunPaths, labels: pd.DataFrame, n_folds: int, fold_seed:
 def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int], data_dir: str | None = None,
               images: str | None = None, overrides: dict[str, Any] | None = None, n_folds: int = 5,
               fold_seed: int = 0, runner: jobs.Runner | None = None, time_limit: float | None = None,
-              cache_dir: str | Path = DEFAULT_CACHE_DIR) -> pd.DataFrame:
+              cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Train every (model, fold) of `profiles` and return the summary (also in run_dir/cv_summary.csv).
 
     No job starts once `time_limit` seconds have passed (those running finish); a rerun carries on. Failed jobs are
     reported together at the end (jobs.JobFailed), after the summary of the others is written."""
     if (data_dir is None) == (images is None):
         raise ValueError("give exactly one of data_dir (an official-layout folder) or images (a packed .npz)")
-    paths = RunPaths(run_dir)
+    paths, cache_dir = RunPaths(run_dir), cache_dir or default_cache_dir()
     configs = plan_models(profiles, overrides or {}, folds, n_folds)
+    runner = runner or jobs.Runner()
+    if runner.jobs is not None and runner.jobs > len(configs) * len(folds):  # no idle worker processes
+        runner.jobs = len(configs) * len(folds)
     with files.RunLock(paths.root):
         files.remove_debris(paths.root, cache_dir)
         labels = _labels(images, data_dir)
@@ -113,15 +121,15 @@ def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int]
         except jobs.JobFailed as error:
             failure = error
         summary_csv = paths.root / "cv_summary.csv"
-        rows = {(r["model"], int(r["fold"])): r for r in (pd.read_csv(summary_csv).to_dict("records")
-                                                           if summary_csv.is_file() else [])}
+        kept = csvfiles.read_frame(summary_csv, ("model",)).to_dict("records") if summary_csv.is_file() else []
+        rows = {(r["model"], int(r["fold"])): r for r in kept}
         planned = [(cfg.model_name, fold) for cfg in configs for fold in folds]
         for model_name, fold in planned:
             row = _summary_row(paths, model_name, fold, labels)
             if row is not None:
                 rows[(model_name, fold)] = row
         table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS).sort_values(["model", "fold"])
-        files.write_text(summary_csv, table.to_csv(index=False))
+        csvfiles.write_frame(summary_csv, table)
     if failure is not None:
         raise failure
     return table[[(m, f) in set(planned) for m, f in zip(table["model"], table["fold"])]].reset_index(drop=True)
@@ -138,6 +146,15 @@ def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
     if complete_only:
         table = table[table["n_folds"] == truth["fold"].nunique()]
     return table.reset_index(drop=True)
+
+
+def format_report(table: pd.DataFrame) -> str:
+    """The per-model table as printed: the challenge's metrics, the class-balanced MAE and the fold spread, then
+    each severity class's MAE and bias (negative: predicted too low)."""
+    classes = [c for c in table.columns if c.startswith(("MAE_", "bias_")) and c != "MAE_balanced"]
+    main = table[[c for c in REPORT_COLUMNS if c in table.columns]].to_string(index=False, float_format="%.3f")
+    per_class = table[["model", *classes]].to_string(index=False, float_format="%.2f")
+    return f"{main}\n\nper severity class (MAE, bias = mean of prediction - truth):\n{per_class}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,27 +193,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {pack_images(args.data, args.sizes, args.out)}")
     elif args.command == "run":
         name = args.name or Path(load_profile(args.profile[0])["path"]).stem
-        run_dir = REPO_ROOT / "runs" / name
+        run_dir = workdir() / "runs" / name
         runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                              threads=args.threads)
         run_sweep(args.profile, run_dir, args.folds, data_dir=args.data, images=args.images,
                   overrides=parse_overrides(args.param), n_folds=args.n_folds, fold_seed=args.fold_seed,
                   runner=runner, time_limit=args.time_limit)
-        print(cv_table(run_dir, complete_only=False).to_string(index=False, float_format="%.3f"))
+        print(format_report(cv_table(run_dir, complete_only=False)))
     else:
         table = cv_table(args.run_dir, complete_only=not args.all)
         if table.empty:
             print(f"no model of {args.run_dir} has finished every fold of its folds.csv yet; --all lists partial ones")
             return 1
-        print(table.to_string(index=False, float_format="%.3f"))
+        print(format_report(table))
         if args.plot:
             from utils import report as figures
 
-            per_fold = pd.read_csv(Path(args.run_dir) / "cv_summary.csv")
+            per_fold = csvfiles.read_frame(Path(args.run_dir) / "cv_summary.csv", ("model",))
             figures.cross_validation(table, per_fold).savefig(args.plot, dpi=100, bbox_inches="tight")
             print(f"wrote {args.plot}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from utils import cli, data
+
+    raise SystemExit(cli.run(main, errors=(jobs.JobFailed, data.DataError), code=1))

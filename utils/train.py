@@ -24,13 +24,15 @@ checkpoints, without training.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,9 +41,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from utils import augment, data, files, losses, models, sam
-from utils.config import RunPaths, TrainConfig
-from utils.jobs import usable_cores
+from utils import augment, csvfiles, data, ensemble, files, losses, machine, models, sam
+from utils.config import PathSettings, RunPaths, TrainConfig
 from utils.metrics import score
 
 log = logging.getLogger(__name__)
@@ -63,89 +64,16 @@ class SplitImages:
 
     def subset(self, mask: np.ndarray) -> SplitImages:
         index = np.flatnonzero(mask)
-        return SplitImages(self.frame.iloc[index].reset_index(drop=True), _LazyRows(self.images, index))
-
-
-class _LazyRows:
-    """Rows of a (memmapped) image array picked by index without copying the array into memory."""
-
-    def __init__(self, images: np.ndarray, index: np.ndarray):
-        self.images, self.index = images, index
-        self.shape = (len(index),) + tuple(images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.images[self.index[i]]
-
-
-class _ConcatRows:
-    """Several row sources seen as one (pseudo-labels from Val and Test)."""
-
-    def __init__(self, sources: list):
-        self.sources = sources
-        self.offsets = np.cumsum([0] + [len(s) for s in sources])
-        self.shape = (int(self.offsets[-1]),) + tuple(sources[0].shape[1:])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self.sources[k][i - self.offsets[k]]
+        return SplitImages(self.frame.iloc[index].reset_index(drop=True), data.RowSubset(self.images, index))
 
 
 # ----------------------------------------------------------------------------------------------- hardware
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training and inference on `device`, None for float32 (TrainConfig.amp_dtype)."""
-    if not cfg.amp:
-        return None
-    if cfg.amp_dtype != "auto":
-        return getattr(torch, cfg.amp_dtype)
-    if device.type != "cuda":
-        return None  # bf16 on a CPU is slower than fp32 on most CPUs
-    # Before compute capability 8 (T4, V100, P100) torch emulates bf16: slower than fp32, while fp16 runs on the
-    # tensor cores of T4 and V100. ROCm GPUs compute bf16.
-    native_bf16 = torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8
-    return torch.bfloat16 if native_bf16 else torch.float16
-
-
-def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """Autocast to `amp_dtype` when it is not float32; a no-op context otherwise."""
-    dtype = amp_dtype(cfg, device)
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16 training needs loss scaling (fp16 ends at 65504 and small gradients underflow); bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if amp_dtype(cfg, device) == torch.float16 else None
-
-
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     if cfg.num_workers >= 0:
         return cfg.num_workers
-    return min(8, max(1, usable_cores() - 1)) if device.type == "cuda" else 0
-
-
-def prepare_device(device: torch.device) -> None:
-    """Process-wide speed settings for training on `device`."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        # Denormal floats (weights/activations decaying towards 0) run ~10x slower on x86 CPUs: measured 9 vs
-        # 152 img/s for the same resnet18 epoch. Flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
+    return min(8, max(1, machine.usable_cores() - 1)) if device.type == "cuda" else 0
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -233,14 +161,17 @@ def images_to_device(images: torch.Tensor, cfg: TrainConfig, device: torch.devic
 class StepRunner:
     """One optimisation step on a batch already on the device: the hot path shared by training and benchmarks."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+                 weight_table: torch.Tensor | None = None):
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
-        self.autocast = autocast_context(cfg, device)
+        # LDS: per-bin loss weights (utils.losses.lds_weights of the fold's training labels), None: unweighted
+        self.weight_table = None if weight_table is None else weight_table.to(device)
+        self.autocast = machine.autocast_context(cfg, device)
         # "reduce-overhead" records CUDA graphs; SAM's two passes need no manual step marks: each forward follows
         # the previous pass's backward, which is when torch starts a new graph iteration by itself.
         self.forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
         self.normalizer = augment.Normalizer(cfg.in_chans)
-        self.scaler = grad_scaler(cfg, device)
+        self.scaler = machine.grad_scaler(cfg, device)
 
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses.check_targets(targets)  # on the host: a NaN/out-of-range label fails here, with no GPU sync
@@ -250,12 +181,15 @@ class StepRunner:
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Returns the first pass's loss parts as detached device tensors (no host sync on the hot path)."""
         parts: dict[str, torch.Tensor] = {}
+        weights = None if self.weight_table is None else losses.sample_weights(self.weight_table, targets)
 
         def compute_loss() -> torch.Tensor:
             with self.autocast():
                 outputs = self.forward(images)
             loss, loss_parts = losses.head_loss(outputs, targets, self.cfg.head, kl_weight=self.cfg.kl_weight,
-                                                check=False)
+                                                check=False, weights=weights,
+                                                regression_loss=self.cfg.regression_loss,
+                                                bmse_sigma=self.cfg.bmse_sigma)
             if not parts:
                 parts.update(loss_parts)
             return loss
@@ -290,7 +224,7 @@ def predict(model: nn.Module, images: np.ndarray, cfg: TrainConfig, device: torc
     Batches of max(batch_size, 32) unless `batch_size` is given."""
     transform = augment.build_transform(train=False, channels=cfg.in_chans)
     loader = make_loader(data.SliceDataset(images, None, transform), cfg, device, train=False, batch_size=batch_size)
-    autocast = autocast_context(cfg, device)
+    autocast = machine.autocast_context(cfg, device)
     normalizer = augment.Normalizer(cfg.in_chans)
     model.eval()
     outputs = []
@@ -305,6 +239,24 @@ def predict(model: nn.Module, images: np.ndarray, cfg: TrainConfig, device: torc
 
 
 # ----------------------------------------------------------------------------------------------- a fold's files
+
+
+class TrainingDiverged(RuntimeError):
+    """A training's loss or held-out score became non-finite (or absurd): the message names model, fold, epoch
+    and the usual fixes; nothing of that epoch is kept."""
+
+
+class FoldMismatch(ValueError):
+    """A fold on disk was trained with another recipe, other held-out slices or other data than asked for now."""
+
+
+class FoldNotTrained(RuntimeError):
+    """A report was asked of a fold that is not trained (02/04 with role='report')."""
+
+
+# A held-out MAE above this is no training (percentages lie in 0..100): predictions of 1e19 count as divergence.
+DIVERGED_MAE = 1000.0
+INPUTS_FILE = "inputs.json"
 
 
 def checkpoint_path(fold_dir: Path, epoch: int) -> Path:
@@ -334,6 +286,11 @@ def _has_results(fold_dir: Path) -> bool:
         any(fold_dir.glob("checkpoint_epoch*.pt"))
 
 
+def _refused(fold_dir: Path, what: str) -> FoldMismatch:
+    return FoldMismatch(f"{fold_dir} was trained with {what}; use another model_name or run name (--name), or "
+                        "rerun with --force to discard the run")
+
+
 def check_same_recipe(cfg: TrainConfig, saved_config: Path) -> None:
     """Refuse to reuse or resume a fold that was trained with another recipe (a silently stale result)."""
     if not saved_config.is_file() or not _has_results(saved_config.parent):
@@ -343,17 +300,64 @@ def check_same_recipe(cfg: TrainConfig, saved_config: Path) -> None:
                if k not in EXECUTION_ONLY_FIELDS and saved.get(k) != v}
     if changed:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(f"{saved_config.parent} was trained with another recipe ({listed}); use another model_name "
-                         "or run name, or rerun with --force to discard the run")
+        raise _refused(saved_config.parent, f"another recipe ({listed})")
 
 
 def check_same_held_out(names: Iterable[str], saved_list: Path) -> None:
     """Refuse to reuse or resume a fold whose held-out slices changed (folds remade with another seed or K)."""
     if saved_list.is_file() and _has_results(saved_list.parent) and saved_list.read_text().split() != sorted(names):
-        raise ValueError(f"{saved_list.parent} was trained with other held-out slices than fold "
-                         f"{saved_list.parent.name} "
-                         "of the current folds.csv (01_folds rerun with another n_folds/fold_seed or data?); "
-                         "use another run name, or --force to discard the run")
+        raise _refused(saved_list.parent, f"other held-out slices than fold {saved_list.parent.name} of the current "
+                                          "folds.csv (01_folds rerun with another n_folds/fold_seed or data?)")
+
+
+def inputs_digest(parts: dict[str, SplitImages | None]) -> dict[str, Any]:
+    """What a fold learns from, as one digest: every (name, label, image digest) of its training part, its
+    pseudo-labelled part and its held-out part; the images by content (utils.data.image_digests), not by name."""
+    digest, counts = hashlib.sha256(), {}
+    for role, split in parts.items():
+        if split is None:
+            continue
+        labels = split.frame["percentage"].to_numpy(np.float64)
+        rows = sorted(zip(split.frame["name"], labels, data.image_digests(split.images)))
+        for name, label, image in rows:
+            digest.update(f"{role}\t{name}\t{label!r}\t{image}\n".encode("utf-8", "surrogateescape"))
+        counts[role] = len(rows)
+    return {"digest": digest.hexdigest(), "slices": counts}
+
+
+def _saved_inputs(fold_dir: Path) -> dict[str, Any] | None:
+    path = fold_dir / INPUTS_FILE
+    if not path.is_file():
+        return None
+    files.verify(path, _way_out(fold_dir))
+    return json.loads(path.read_text())
+
+
+def check_same_inputs(inputs: dict[str, Any], fold_dir: Path) -> None:
+    """Refuse to reuse or resume a fold whose training or held-out data differ (images or labels changed under the
+    same names), as a changed recipe is refused."""
+    if not _has_results(fold_dir):
+        return
+    saved = _saved_inputs(fold_dir)
+    if saved is None:
+        raise _refused(fold_dir, "data it holds no record of (no inputs.json: trained by an older version), so "
+                                 "whether the data changed cannot be told")
+    if saved["digest"] != inputs["digest"]:
+        counts = ", ".join(f"{n} {role}" for role, n in inputs["slices"].items())
+        before = ", ".join(f"{n} {role}" for role, n in saved["slices"].items())
+        raise _refused(fold_dir, f"other data: its training and held-out images and labels differ from those asked "
+                                 f"for now (now {counts}; then {before}; images or labels changed under the same "
+                                 "names?)")
+
+
+def _write_inputs(fold_dir: Path, inputs: dict[str, Any], predicted: dict[str, dict[str, str]]) -> None:
+    files.write_text(fold_dir / INPUTS_FILE, json.dumps({**inputs, "predicted": predicted}, sort_keys=True) + "\n",
+                     record=True)
+
+
+def _predicted_digests(splits: dict[str, SplitImages]) -> dict[str, dict[str, str]]:
+    return {split: dict(zip(images.frame["name"], data.image_digests(images.images)))
+            for split, images in splits.items()}
 
 
 def _training_dataset(train: SplitImages, pseudo: SplitImages | None, transform: augment.SliceTransform) -> Dataset:
@@ -367,6 +371,13 @@ def _training_dataset(train: SplitImages, pseudo: SplitImages | None, transform:
     return dataset
 
 
+def _training_labels(fit: SplitImages, pseudo: SplitImages | None) -> np.ndarray:
+    labels = [fit.frame["percentage"].to_numpy(np.float64)]
+    if pseudo is not None and len(pseudo.frame):
+        labels.append(pseudo.frame["percentage"].to_numpy(np.float64))
+    return np.concatenate(labels)
+
+
 # ----------------------------------------------------------------------------------------------- a fold
 
 
@@ -377,8 +388,8 @@ class _FoldTraining:
         self.cfg, self.fold, self.fold_dir = cfg, fold, fold_dir
         self.name = f"[{cfg.model_name} fold {fold}]"
         torch.manual_seed(cfg.seed + fold)
-        self.device = resolve_device(cfg)
-        prepare_device(self.device)
+        self.device = machine.resolve_device(cfg.device)
+        machine.prepare_device(self.device)
         self.model = build_model_for(cfg, self.device)  # before anything is written: bad weights fail first
         self.optimizer = build_optimizer(self.model, cfg)
         self.transform = augment.build_transform(train=True, channels=cfg.in_chans, n_ops=cfg.randaug_n,
@@ -388,7 +399,9 @@ class _FoldTraining:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.runner = StepRunner(self.model, self.optimizer, cfg, self.device)
+        weight_table = None if cfg.lds == "none" else \
+            losses.lds_weights(_training_labels(fit, pseudo), cfg.lds, cfg.lds_sigma)
+        self.runner = StepRunner(self.model, self.optimizer, cfg, self.device, weight_table)
         self.loader = make_loader(train_set, cfg, self.device, train=True, seed=cfg.seed * 100 + fold)
         self.state_path = fold_dir / "state.pt"
 
@@ -410,26 +423,43 @@ class _FoldTraining:
         return state["epoch"] + 1, list(state["history"])
 
     def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
-        """One epoch of updates; returns the mean training loss parts and the images/s."""
+        """One epoch of updates; returns the mean training loss parts and the images/s. Raises TrainingDiverged
+        when the loss was not finite (checked once, at the epoch's end: no host sync per step)."""
         cfg, started = self.cfg, time.perf_counter()
         self.loader.sampler.set_epoch(epoch)
         if self.loader.num_workers == 0:  # in-process augmentation: its stream is a function of (seed, fold, epoch)
             self.transform.set_seed(cfg.seed * 100_003 + self.fold * 1009 + epoch)
         sums: dict[str, torch.Tensor] = {}
-        seen = 0
+        not_finite = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = steps = 0
         bar = tqdm(self.loader, total=self.steps_per_epoch, desc=f"{cfg.model_name} f{self.fold} e{epoch + 1}/"
                    f"{cfg.epochs}", disable=not progress, leave=False, mininterval=2.0)
         for step, (images, targets) in enumerate(bar):
             if step >= self.steps_per_epoch:
                 break
             parts = self.runner(*self.runner.to_device(images, targets))
+            finite = torch.isfinite(parts["loss"])
+            not_finite += (~finite).long()
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0) + value * len(targets)
-            seen += len(targets)
+                sums[key] = sums.get(key, 0) + torch.where(finite, value, 0.0) * len(targets)
+            seen, steps = seen + len(targets), steps + 1
             self.scheduler.step_update(epoch * self.steps_per_epoch + step + 1)
         bar.close()
+        bad = int(not_finite)
+        # fp16's loss scaler skips the odd overflowing step on purpose; without one, a single NaN loss means NaN
+        # gradients, hence NaN weights from then on
+        if bad and (self.runner.scaler is None or bad == steps):
+            raise self.diverged(epoch, f"the training loss was NaN or infinite in {bad} of {steps} steps")
         return {"train_images_per_s": seen / (time.perf_counter() - started),
                 **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
+
+    def diverged(self, epoch: int, what: str) -> TrainingDiverged:
+        cfg = self.cfg
+        return TrainingDiverged(
+            f"{self.name} diverged at epoch {epoch + 1}/{cfg.epochs}: {what}. Nothing of this epoch was kept. The "
+            f"usual fixes: a lower lr (now {cfg.lr:g}, e.g. -p lr {cfg.lr / 10:g}), gradient clipping (-p clip_grad "
+            "1.0), or, on a GPU, another precision (-p amp_dtype bfloat16, or -p amp false); then rerun with --force "
+            "(or another --name): the recipe changed")
 
     def save_epoch(self, epoch: int, history: list[dict]) -> None:
         """The epoch's checkpoint when kept, then the resume state (weights by reference to that checkpoint)."""
@@ -443,98 +473,156 @@ class _FoldTraining:
         else:
             state["model"] = self.model.state_dict()
         files.save_torch(state, self.state_path, record=True)
-        files.write_text(self.fold_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+        csvfiles.write_frame(self.fold_dir / "history.csv", pd.DataFrame(history))
+
+
+def check_finite(values: np.ndarray, what: str, way_out: str) -> np.ndarray:
+    """Predictions must be finite numbers: a NaN or infinity is never averaged, clipped or rounded into a result."""
+    bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
+    if bad.any():
+        raise TrainingDiverged(f"{what}: {int(bad.sum())} of {bad.size} predictions are NaN or infinite; {way_out}")
+    return values
 
 
 def _predict_with_kept_checkpoints(cfg: TrainConfig, fold_dir: Path, splits: dict[str, SplitImages],
                                    model: nn.Module | None = None) -> pd.DataFrame:
     """Every kept checkpoint's prediction of every image of `splits` (columns PREDICTION_COLUMNS)."""
-    device = resolve_device(cfg)
+    device = machine.resolve_device(cfg.device)
     model = model or build_model_for(cfg, device, for_checkpoint=True)
     frames = []
     for epoch in kept_epochs(cfg):
         model.load_state_dict(load_checkpoint(fold_dir, epoch, device))
         for split, split_images in splits.items():
+            values = check_finite(predict(model, split_images.images, cfg, device),
+                                  f"[{cfg.model_name} {fold_dir.name}] checkpoint of epoch {epoch + 1} on {split}",
+                                  "the training diverged: lower lr, or set clip_grad, and rerun with --force")
             frames.append(pd.DataFrame({"split": split, "name": split_images.frame["name"].to_numpy(), "epoch": epoch,
-                                        "prediction": predict(model, split_images.images, cfg, device)}))
+                                        "prediction": values}))
     return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
 
 
-def _reuse_fold(cfg: TrainConfig, fold: int, fold_dir: Path, predict_splits: dict[str, SplitImages]) -> pd.DataFrame:
-    """A finished fold's predictions, after verifying its files; new Val/Test slices are predicted and added."""
+def _reuse_fold(cfg: TrainConfig, fold: int, fold_dir: Path, predict_splits: dict[str, SplitImages],
+                inputs: dict[str, Any]) -> pd.DataFrame:
+    """A finished fold's predictions, after verifying its files; Val/Test slices it has not predicted (new ones, or
+    ones whose image changed under the same name) are predicted with its kept checkpoints and added."""
     predictions_csv = fold_dir / "predictions.csv"
     files.forget(fold_dir / "state.pt")  # left over when a kill fell inside the finishing forget
     files.verify_folder(fold_dir, _way_out(fold_dir))
-    predictions = pd.read_csv(predictions_csv, dtype={"name": str})
-    new = {}
+    predictions = ensemble.read_predictions(predictions_csv)
+    saved = _saved_inputs(fold_dir) or {}
+    recorded = saved.get("predicted", {})
+    current = _predicted_digests(predict_splits)
+    new, changed = {}, 0
     for split, split_images in predict_splits.items():
-        done = set(predictions.loc[predictions["split"] == split, "name"])
-        missing = ~split_images.frame["name"].isin(done).to_numpy()
-        if missing.any():
-            new[split] = split_images.subset(missing)
+        done = recorded.get(split, {})
+        stale = np.array([done.get(name) != digest for name, digest in current[split].items()], dtype=bool)
+        if stale.any():
+            names = set(split_images.frame["name"][stale])
+            changed += sum(1 for name in names if name in done)
+            predictions = predictions[~((predictions["split"] == split) & predictions["name"].isin(names))]
+            new[split] = split_images.subset(stale)
     if not new:
         log.info("[%s fold %d] already done: reusing %s", cfg.model_name, fold, predictions_csv)
         return predictions
-    log.info("[%s fold %d] already trained: predicting %s new slice(s) with its kept checkpoints (no training)",
-             cfg.model_name, fold, ", ".join(f"{len(s.frame)} {split}" for split, s in new.items()))
+    log.info("[%s fold %d] already trained: predicting %s slice(s) with its kept checkpoints (no training%s)",
+             cfg.model_name, fold, ", ".join(f"{len(s.frame)} {split}" for split, s in new.items()),
+             f"; {changed} of them changed since they were predicted" if changed else "")
     added = _predict_with_kept_checkpoints(cfg, fold_dir, new)
     predictions = pd.concat([predictions, added], ignore_index=True)
-    files.write_text(predictions_csv, predictions.to_csv(index=False), record=True)
+    csvfiles.write_frame(predictions_csv, predictions, record=True)
+    _write_inputs(fold_dir, inputs, {**recorded, **current})
     return predictions
 
 
 def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: Path,
                predict_splits: dict[str, SplitImages] | None = None, pseudo: SplitImages | None = None,
-               progress: bool = True) -> pd.DataFrame:
+               progress: bool = True, allow_training: bool = True) -> pd.DataFrame:
     """Train one fold (train rows with fold != `fold`, plus pseudo-labelled rows), validate on fold `fold`.
 
     Returns the predictions of every kept checkpoint (columns PREDICTION_COLUMNS; split "oof" = held-out fold).
-    Progress: one log line per epoch (model, fold, epoch, loss, held-out MAE/PC, img/s).
+    A finished fold is reused when its recipe, held-out slices and data (by content) are those asked for; else
+    FoldMismatch. `allow_training=False` (a report): an unfinished fold is FoldNotTrained. Progress: one log line
+    per epoch (model, fold, epoch, loss, held-out MAE/PC, img/s); a non-finite loss or held-out score stops the
+    training at once (TrainingDiverged).
     """
     fold_dir = Path(fold_dir)
+    predict_splits = predict_splits or {}
     is_valid = train_split.frame["fold"].to_numpy() == fold
     if not is_valid.any():
         present = sorted(int(f) for f in train_split.frame["fold"].unique())
         raise ValueError(f"fold {fold} has no slices: the folds file has folds {present}")
     check_same_recipe(cfg, fold_dir / "config.yaml")
     check_same_held_out(train_split.frame["name"][is_valid], fold_dir / "held_out.txt")
+    valid, fit = train_split.subset(is_valid), train_split.subset(~is_valid)
+    inputs = inputs_digest({"train": fit, "pseudo": pseudo, "held_out": valid})
+    check_same_inputs(inputs, fold_dir)
     if (fold_dir / "predictions.csv").is_file():
-        return _reuse_fold(cfg, fold, fold_dir, predict_splits or {})
-    valid = train_split.subset(is_valid)
-    training = _FoldTraining(cfg, fold, train_split.subset(~is_valid), pseudo, fold_dir)
+        return _reuse_fold(cfg, fold, fold_dir, predict_splits, inputs)
+    if not allow_training:
+        raise FoldNotTrained(f"{fold_dir} is not trained (no predictions.csv): the pipeline's training jobs train "
+                             "it (./run_all.sh), or run 02_train with role='train' to train it in the notebook")
+    training = _FoldTraining(cfg, fold, fit, pseudo, fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(fold_dir / "config.yaml")
     files.write_text(fold_dir / "held_out.txt", "\n".join(sorted(train_split.frame["name"][is_valid])) + "\n")
+    _write_inputs(fold_dir, inputs, {})
     start_epoch, history = training.resume()
     valid_true = valid.frame["percentage"].to_numpy(np.float64)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         row = {"epoch": epoch, **training.train_epoch(epoch, progress)}
         row["lr"] = training.optimizer.param_groups[0]["lr"]
-        valid_scores = score(predict(training.model, valid.images, cfg, training.device), valid_true)
+        held_out = predict(training.model, valid.images, cfg, training.device)
+        if not np.isfinite(held_out).all():
+            raise training.diverged(epoch, f"{int((~np.isfinite(held_out)).sum())} of {len(held_out)} held-out "
+                                           "predictions are NaN or infinite")
+        valid_scores = score(held_out, valid_true)
+        if valid_scores["MAE"] > DIVERGED_MAE:
+            raise training.diverged(epoch, f"the held-out MAE is {valid_scores['MAE']:.3g} (percentages lie in "
+                                           "0..100)")
         row.update({f"valid_{k}": v for k, v in valid_scores.items()}, seconds=time.perf_counter() - started)
         history.append(row)
         log.info("%s epoch %d/%d loss %.3f valid MAE %.3f PC %.3f (%.1f img/s)", training.name, epoch + 1, cfg.epochs,
                  row.get("train_loss", float("nan")), row["valid_MAE"], row["valid_PC"], row["train_images_per_s"])
         training.save_epoch(epoch, history)
-    predictions = _predict_with_kept_checkpoints(cfg, fold_dir, {OOF: valid, **(predict_splits or {})},
+    predictions = _predict_with_kept_checkpoints(cfg, fold_dir, {OOF: valid, **predict_splits},
                                                  model=training.model)
-    files.write_text(fold_dir / "predictions.csv", predictions.to_csv(index=False), record=True)
+    csvfiles.write_frame(fold_dir / "predictions.csv", predictions, record=True)
+    _write_inputs(fold_dir, inputs, _predicted_digests(predict_splits))
     files.forget(training.state_path)  # the kept checkpoints + predictions are the fold's result
     return predictions
 
 
 def train_model(cfg: TrainConfig, run_dir: str | Path, train_split: SplitImages,
                 predict_splits: dict[str, SplitImages] | None = None, pseudo: SplitImages | None = None,
-                progress: bool = True) -> pd.DataFrame:
-    """Train every fold in cfg.folds; returns all kept checkpoints' predictions with a `fold` column."""
+                progress: bool = True, allow_training: bool = True) -> pd.DataFrame:
+    """Train (or reuse, or with `allow_training=False` only report) every fold in cfg.folds; returns all kept
+    checkpoints' predictions with a `fold` column."""
     paths = RunPaths(run_dir)
-    cfg.save_yaml(paths.model(cfg.model_name) / "config.yaml")
+    if allow_training:
+        cfg.save_yaml(paths.model(cfg.model_name) / "config.yaml")
     frames = []
     for fold in cfg.folds:
         predictions = train_fold(cfg, fold, train_split, paths.fold(cfg.model_name, fold), predict_splits,
-                                 pseudo, progress=progress)
+                                 pseudo, progress=progress, allow_training=allow_training)
         frames.append(predictions.assign(fold=fold))
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_models(configs: Iterable[TrainConfig], paths: PathSettings, allow_training: bool = True,
+               progress: bool = True) -> pd.DataFrame:
+    """02_train's work: each model's data (decoded once per size), then `train_model`; all predictions with
+    `model` and `fold` columns."""
+    frames = []
+    for cfg in configs:
+        run = paths.run
+        train_split, predict_splits, pseudo = load_training_data(cfg, paths.data_dir, paths.cache_dir, run.folds_csv,
+                                                                 run.pseudo_labels_csv, progress=progress)
+        log.info("[%s] train %d | predict %s | pseudo-labelled %d", cfg.model_name, len(train_split.frame),
+                 {k: len(v.frame) for k, v in predict_splits.items()}, 0 if pseudo is None else len(pseudo.frame))
+        predictions = train_model(cfg, paths.run_dir, train_split, predict_splits, pseudo, progress=progress,
+                                  allow_training=allow_training)
+        frames.append(predictions.assign(model=cfg.model_name))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -543,7 +631,7 @@ def load_history(run_dir: str | Path, model_names: Iterable[str] | None = None) 
     frames = []
     for model_name, fold, path in RunPaths(run_dir).fold_files("history.csv"):
         if model_names is None or model_name in model_names:
-            frames.append(pd.read_csv(path).assign(model=model_name, fold=fold))
+            frames.append(csvfiles.read_frame(path, text_columns=()).assign(model=model_name, fold=fold))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -560,7 +648,7 @@ def load_training_data(cfg: TrainConfig, data_dir: str | Path, cache_dir: str | 
                                                      progress=progress))
 
     train_frame = data.load_split(data_dir, "Train", require_labels=True)
-    folds = pd.read_csv(folds_csv, dtype={"name": str})
+    folds = csvfiles.read_frame(folds_csv)
     merged = train_frame.merge(folds[["name", "fold"]], on="name", how="left")
     if merged["fold"].isna().any() or len(folds) != len(train_frame):
         raise ValueError(f"{folds_csv} does not match the Train split of {data_dir} "
@@ -582,13 +670,15 @@ def _pseudo_labelled(pseudo_labels_csv: str | Path | None, predict_splits: dict[
     if pseudo_labels_csv is None or not Path(pseudo_labels_csv).is_file():
         raise FileNotFoundError(f"use_pseudo_labels=True but {pseudo_labels_csv} is missing: "
                                 "run notebooks/04_pseudo_label.ipynb (it writes the pseudo-labels first)")
-    labels = pd.read_csv(pseudo_labels_csv, dtype={"name": str})
+    labels = csvfiles.read_frame(pseudo_labels_csv, text_columns=("name", "split"))
     parts = []
     for split, group in labels.groupby("split"):
         source = predict_splits[split]
         index = source.frame.reset_index(drop=True).reset_index().merge(group[["name", "percentage"]], on="name",
                                                                          suffixes=("_none", ""))
-        parts.append(SplitImages(index[["name", "percentage"]], _LazyRows(source.images, index["index"].to_numpy())))
+        rows = data.RowSubset(source.images, index["index"].to_numpy())
+        parts.append(SplitImages(index[["name", "percentage"]], rows))
     if len(parts) == 1:
         return parts[0]
-    return SplitImages(pd.concat([p.frame for p in parts], ignore_index=True), _ConcatRows([p.images for p in parts]))
+    return SplitImages(pd.concat([p.frame for p in parts], ignore_index=True),
+                       data.RowConcat([p.images for p in parts]))

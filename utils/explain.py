@@ -1,0 +1,199 @@
+"""Where the model looked, and the totals per CT scan: saliency maps of the ensemble's regression output and
+per-scan summaries.
+
+    python -m utils.explain RUN_OR_EXPORT IMAGES... --out DIR [--interval 0.9] [--scans CSV] [--device D]
+
+For each image: `<name>.png`, an overlay (the slice, the heatmap, the predicted value and its interval) and
+`<name>.npy`, the heatmap (float32, >= 0, the image's own height x width), `<name>` being the file name without its
+extension (the full name where two images share a stem). The heatmap is Grad-CAM (the maintained `grad-cam`
+package) on the last stage of each model's timm backbone, for the regression output f2 (`reg`), the mean of the
+maps of every weight file of the ensemble (each scaled to [0, 1] by grad-cam) resized to the image. The output
+folder is written whole or not at all (utils.files.atomic_path); bad input gets utils.predict's errors.
+
+`per_scan` gives each scan's mean and maximum predicted percentage, the severity class of its mean, and, where the
+truth is known, the scan's mean label and the absolute error of its mean prediction; `--scans CSV` (rows
+`name,subject`, or a label file `name,percentage,subject`) writes it for the images as `per_scan.csv`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from utils import augment, cli, csvfiles, data, ensemble, files, intervals, machine, predict, train
+from utils.config import TrainConfig
+from utils.folds import severity_class
+
+log = logging.getLogger("utils.explain")  # not __name__: "__main__" under python -m
+
+
+class _RegressionOutput(nn.Module):
+    """The model's f2 as a (B, 1) tensor: what grad-cam differentiates."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["reg"].unsqueeze(1)
+
+
+def last_stage(model: nn.Module) -> nn.Module:
+    """The backbone's last feature stage (timm's feature_info), the usual Grad-CAM layer of a CNN."""
+    backbone = model.backbone
+    name = backbone.feature_info[-1]["module"] if getattr(backbone, "feature_info", None) else None
+    if not name:
+        raise ValueError(f"{model.arch}: timm gives no feature stages to explain")
+    return backbone.get_submodule(name)
+
+
+def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: str = "auto",
+             progress: bool = True) -> list[np.ndarray]:
+    """The ensemble's Grad-CAM map of each image of `frame` (name, path), at the image's own size."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    sums: list[np.ndarray | None] = [None] * len(frame)
+    count = 0
+    weight_files = sum(len(paths) for model in models for paths in model.weights.values())
+    bar = tqdm(total=weight_files * len(frame), desc="explaining", unit="map", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="percovid_explain_") as decoded_dir:
+        for model in models:
+            cfg = TrainConfig(**{**model.config.to_dict(), "device": device, "num_workers": 0})
+            images = data.cached_images(frame, decoded_dir, cfg.img_size, cfg.in_chans, split="explain")
+            torch_device = machine.resolve_device(cfg.device)
+            net = train.build_model_for(cfg, torch_device, for_checkpoint=True)
+            transform = augment.build_transform(train=False, channels=cfg.in_chans)
+            normalizer = augment.Normalizer(cfg.in_chans)
+            for paths in model.weights.values():
+                for path in paths:
+                    net.load_state_dict(files.load_torch(path, "export or rerun it again", map_location=torch_device))
+                    cam = GradCAM(model=_RegressionOutput(net), target_layers=[last_stage(net)])
+                    for index in range(len(frame)):
+                        batch = transform(np.asarray(images[index]))[None]
+                        batch = train.images_to_device(batch, cfg, torch_device, normalizer)
+                        grid = cam(input_tensor=batch, targets=[ClassifierOutputTarget(0)])[0]
+                        sums[index] = grid if sums[index] is None else sums[index] + grid
+                        bar.update()
+                    count += 1
+    bar.close()
+    maps = []
+    for (_, row), total in zip(frame.iterrows(), sums):
+        height, width = data.load_gray(row["path"]).shape
+        resized = torch.nn.functional.interpolate(torch.from_numpy(total / count)[None, None].float(),
+                                                  size=(height, width), mode="bilinear", align_corners=False)
+        maps.append(np.maximum(resized[0, 0].numpy(), 0).astype(np.float32))
+    return maps
+
+
+def output_stems(names: Sequence[str]) -> list[str]:
+    """`<name>` of each output file: the stem, or the full name where two images share a stem."""
+    stems = [Path(name).stem for name in names]
+    shared = {s for s in stems if stems.count(s) > 1}
+    return [name if stem in shared else stem for name, stem in zip(names, stems)]
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, title: str):
+    """The slice in gray, the heatmap over it, the prediction as the title."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4.3))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax.imshow(heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=max(float(heatmap.max()), 1e-6))
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def read_scans(path: str | os.PathLike) -> pd.DataFrame:
+    """name, subject[, percentage] of a CSV mapping images to scans: a `name,subject` table, or a label file
+    (`name,percentage,subject`, the challenge's format: its labels then score each scan's mean)."""
+    table = csvfiles.read_frame(path, text_columns=("name", "subject"))
+    if list(table.columns) == ["name", "subject"]:
+        return table
+    return data.read_labels(path)[["name", "subject", "percentage"]]
+
+
+def explain_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                   level: float | None = 0.9, device: str = "auto", progress: bool = True,
+                   scans: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write the overlays and heatmaps of every image of `inputs` to `out` (module docstring); returns the
+    predictions (name, path, prediction[, low, high])."""
+    import matplotlib.pyplot as plt
+
+    rows = predict.predict_images(run_or_export, inputs, rounding=True, device=device, progress=progress,
+                                  level=level)
+    models = predict.load_ensemble(run_or_export)
+    maps = heatmaps(models, rows[["name", "path"]], device, progress)
+    with files.atomic_path(out) as folder:
+        folder.mkdir()
+        for stem, (_, row), heatmap in zip(output_stems(list(rows["name"])), rows.iterrows(), maps):
+            np.save(folder / f"{stem}.npy", heatmap)
+            gray = data.load_gray(row["path"])
+            interval = f" [{row['low']:.0f}, {row['high']:.0f}]" if "low" in rows else ""
+            fig = overlay(gray, heatmap, f"{row['name']}: {row['prediction']:.0f} %{interval}")
+            fig.savefig(folder / f"{stem}.png", dpi=100)
+            plt.close(fig)
+        csvfiles.write_frame(folder / "predictions.csv", rows.drop(columns=["path"]))
+        if scans is not None:
+            csvfiles.write_frame(folder / "per_scan.csv", per_scan(rows.merge(scans, on="name", how="left")))
+    return rows
+
+
+def per_scan(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per scan (`subject`): slices, mean and max predicted percentage, the severity class of the mean; with a
+    `percentage` column (the truth) also the scan's mean label and the absolute error of its mean prediction."""
+    if "subject" not in frame.columns or frame["subject"].isna().all():
+        raise ValueError("per-scan summaries need each slice's scan: a `subject` column (Train's label file, or a "
+                         "CSV mapping images to scans)")
+    groups = frame.dropna(subset=["subject"]).groupby("subject")
+    table = groups.agg(slices=("prediction", "size"), mean_prediction=("prediction", "mean"),
+                       max_prediction=("prediction", "max"))
+    table["severity"] = np.asarray(severity_class(np.clip(table["mean_prediction"].to_numpy(), 0, 100)))
+    if "percentage" in frame.columns and frame["percentage"].notna().any():
+        table["mean_truth"] = groups["percentage"].mean()
+        table["abs_error"] = (table["mean_prediction"] - table["mean_truth"]).abs()
+    return table.reset_index()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.explain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a run folder (runs/<name>/) or an export folder")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="the folder to write (overlays, heatmaps, predictions.csv)")
+    parser.add_argument("--interval", type=float, default=0.9, help="coverage level of the intervals shown "
+                        "(default 0.9; 0 for none)")
+    parser.add_argument("--scans", help="name,subject rows (or a label file) mapping the images to their scans: "
+                        "writes per_scan.csv")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    machine.check_device(args.device, "--device")
+    scans = read_scans(args.scans) if args.scans else None
+    if Path(args.out).exists():
+        raise predict.PredictError(f"--out {args.out} exists: give a new folder (it is written whole or not at all)")
+    level = args.interval or None
+    rows = explain_images(args.source, args.images, args.out, level, args.device, progress=sys.stderr.isatty(),
+                          scans=scans)
+    print(f"wrote {args.out}: {len(rows)} overlays and heatmaps")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, errors=(predict.PredictError, data.DataError, FileNotFoundError,
+                                        ensemble.EnsembleError, train.TrainingDiverged, csvfiles.CsvError,
+                                        intervals.IntervalError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
