@@ -8,6 +8,7 @@
 # Without --no-venv both create .venv from requirements.txt (+ this project, editable) when it is missing or
 # requirements.txt changed.
 set -euo pipefail
+CALLER_DIR=$(pwd)  # a relative --workdir is the caller's, not the checkout's
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=${MPLBACKEND:-Agg}
@@ -16,20 +17,26 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 KERNEL=percovid
 
-# --no-venv may stand anywhere; --workdir is also the pipeline's (it is passed on)
+# --no-venv and --test may stand anywhere, --workdir DIR too: it is taken here (made absolute from the caller's
+# folder), set as PERCOVID_WORKDIR for the pipeline and the tests alike, and not passed on.
 NO_VENV=0
+TEST=0
 WORKDIR=""
 args=()
-previous=""
+expect_workdir=0
 for arg in "$@"; do
+  if [ "$expect_workdir" = 1 ]; then WORKDIR=$arg; expect_workdir=0; continue; fi
   case "$arg" in
     --no-venv) NO_VENV=1 ;;
-    --workdir=*) WORKDIR=${arg#--workdir=}; args+=("$arg") ;;
-    *) [ "$previous" = --workdir ] && WORKDIR=$arg; args+=("$arg") ;;
+    --test) TEST=1 ;;
+    --workdir) expect_workdir=1 ;;
+    --workdir=*) WORKDIR=${arg#--workdir=} ;;
+    *) args+=("$arg") ;;
   esac
-  previous=$arg
 done
+if [ "$expect_workdir" = 1 ]; then echo "error: --workdir needs a folder" >&2; exit 2; fi
 if [ ${#args[@]} -gt 0 ]; then set -- "${args[@]}"; else set --; fi
+case "$WORKDIR" in ""|/*) ;; *) WORKDIR="$CALLER_DIR/$WORKDIR" ;; esac
 
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "error: $PYTHON is missing or older than Python 3.10 (tested with 3.11); set PYTHON=/path/to/python3.11" >&2
@@ -78,8 +85,7 @@ else
   PYTEST_CACHE=()
 fi
 
-if [ "${1:-}" = "--test" ]; then
-  shift
+if [ "$TEST" = 1 ]; then
   "${RUFF[@]}" --quiet utils tests notebooks
   exec "$PY" -m pytest ${PYTEST_CACHE[@]+"${PYTEST_CACHE[@]}"} "$@"
 fi

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from utils import data, jobs, sweep
+from utils import csvfiles, data, jobs, sweep
 from utils.config import ConfigError, RunPaths
 from utils.folds import make_folds, write_folds
 
@@ -118,6 +118,15 @@ def test_sweep_end_to_end_then_a_rerun_trains_nothing(tiny_data, tmp_path, capsy
     assert sweep.main(["report", str(run_dir), "--all", "--plot", str(tmp_path / "cv.png")]) == 0
     printed = capsys.readouterr().out
     assert "reg " in printed and "ldl " in printed and (tmp_path / "cv.png").stat().st_size > 0
+    assert sweep.main(["compare", str(run_dir), "--base", "reg"]) == 0 and "d_MAE_fold1" in capsys.readouterr().out
+
+    # the CV report of utils.explain: interval coverage on held-out folds, per-scan table, a saliency grid
+    from utils import explain
+
+    result = explain.cv_report(run_dir, "reg", tiny_data, tmp_path / "figures", per_class=1)
+    assert set(result["coverage"]["method"]) == {"mondrian", "global"}
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {"interval_coverage.png", "per_scan.png",
+                                                                      "saliency_grid.png"}
 
     # the same run name with another recipe or other folds is refused, not silently mixed
     with pytest.raises(RuntimeError, match="another recipe .*lr"):
@@ -136,3 +145,24 @@ def test_a_packed_file_without_the_size_says_how_to_fix_it(tiny_data, tmp_path):
     packed = data.pack_images(tiny_data, [32], tmp_path / "packed.npz")
     with pytest.raises(RuntimeError, match="no 40 px images .* --sizes 40"):
         sweep.run_sweep([profile], tmp_path / "run", folds=[0], images=str(packed), n_folds=3)
+
+
+def test_paired_table_differences_per_fold_by_hand(tmp_path):
+    paths = RunPaths(tmp_path)
+    truth = pd.DataFrame({"name": [f"s{i}" for i in range(6)], "subject": pd.array([0, 0, 1, 1, 2, 2], "Int64"),
+                          "percentage": [0.0, 80.0, 0.0, 90.0, 5.0, 85.0], "fold": [0, 0, 1, 1, 2, 2]})
+    truth["severity"] = pd.Categorical(["Normal"] * 6)
+    write_folds(truth, paths.folds_csv)
+    errors = {"base": [1.0, -10.0], "better": [1.0, -4.0]}  # the same error on every fold: easy sums
+    for model, (low, high) in errors.items():
+        for fold in (0, 1, 2):
+            rows = truth[truth["fold"] == fold]
+            frame = pd.DataFrame({"split": "oof", "name": rows["name"], "epoch": 1,
+                                  "prediction": rows["percentage"].to_numpy() + np.array([low, high])})
+            csvfiles.write_frame(paths.fold(model, fold) / "predictions.csv", frame)
+    table = sweep.paired_table(tmp_path, "base").set_index("model")
+    assert table.loc["better", "d_MAE_fold1"] == pytest.approx((1 + 4) / 2 - (1 + 10) / 2)
+    assert table.loc["better", "d_MAE_helped"] == 3 and table.loc["base", "d_MAE_mean"] == 0
+    # class-balanced: Normal/Minimal (error 1) and Critical (-10 vs -4) weigh the same whatever their counts
+    assert table.loc["base", "MAE_balanced"] == pytest.approx((1 + 1 + 10) / 3)
+    assert table.loc["better", "bias_Critical"] == pytest.approx(-4.0)

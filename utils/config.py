@@ -482,8 +482,13 @@ class _StrictLoader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: YAML's own way to share settings
+            continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise ConfigError(f"{key_node.start_mark.name}, line {line}: the key {key!r} is not a setting name: "
+                              "write plain names as keys")
         if key in seen:
             raise ConfigError(f"{key_node.start_mark.name}, line {line}: duplicate key {key!r} (first on line "
                               f"{seen[key]}); YAML would keep only the last: keep one", key=str(key))

@@ -102,7 +102,7 @@ def write_frame(path: str | os.PathLike, frame: pd.DataFrame, record: bool = Fal
     """A table with its header, no index, read back by `read_frame` (pandas writes through the csv module: the same
     quoting as `write_rows`)."""
     for column in frame.columns:
-        if frame[column].dtype == object:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column].dtype):
             for value in frame[column]:
                 if isinstance(value, str):
                     check_text(value, f"{column} value")
@@ -122,7 +122,8 @@ def read_frame(path: str | os.PathLike, text_columns: Sequence[str] = ("name",))
 
 def _text_rows(path: Path) -> list[tuple[int, list[str]]]:
     """(line, fields) of a UTF-8 CSV; a file that is not UTF-8 text is a CsvError saying what it looks like."""
-    head = path.read_bytes()[:4]
+    with open(path, "rb") as handle:
+        head = handle.read(4)
     if head.startswith(b"PK\x03\x04"):
         raise CsvError(f"{path} is a zip archive, not a CSV: unzip it and pass the CSV inside "
                        "(a submission zip holds predictions.csv)")

@@ -2,6 +2,7 @@
 per-scan summaries.
 
     python -m utils.explain RUN_OR_EXPORT IMAGES... --out DIR [--interval 0.9] [--scans CSV] [--device D]
+    python -m utils.explain cv RUN --model NAME --data DIR --out DIR [--interval 0.9]      # a utils.sweep run
 
 For each image: `<name>.png`, an overlay (the slice, the heatmap, the predicted value and its interval) and
 `<name>.npy`, the heatmap (float32, >= 0, the image's own height x width), `<name>` being the file name without its
@@ -37,6 +38,10 @@ from utils.folds import severity_class
 log = logging.getLogger("utils.explain")  # not __name__: "__main__" under python -m
 
 
+class ExplainError(ValueError):
+    """A per-scan table or an explanation cannot be made from what was given; the message says what is missing."""
+
+
 class _RegressionOutput(nn.Module):
     """The model's f2 as a (B, 1) tensor: what grad-cam differentiates."""
 
@@ -63,7 +68,8 @@ def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: s
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    sums: list[np.ndarray | None] = [None] * len(frame)
+    sizes = [data.load_gray(path).shape for path in frame["path"]]  # every map at its image's own size
+    sums = [np.zeros(size, dtype=np.float64) for size in sizes]
     count = 0
     weight_files = sum(len(paths) for model in models for paths in model.weights.values())
     bar = tqdm(total=weight_files * len(frame), desc="explaining", unit="map", disable=not progress)
@@ -83,17 +89,20 @@ def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: s
                         batch = transform(np.asarray(images[index]))[None]
                         batch = train.images_to_device(batch, cfg, torch_device, normalizer)
                         grid = cam(input_tensor=batch, targets=[ClassifierOutputTarget(0)])[0]
-                        sums[index] = grid if sums[index] is None else sums[index] + grid
+                        sums[index] += _resized(grid, sizes[index])  # models of other sizes add up
                         bar.update()
                     count += 1
     bar.close()
-    maps = []
-    for (_, row), total in zip(frame.iterrows(), sums):
-        height, width = data.load_gray(row["path"]).shape
-        resized = torch.nn.functional.interpolate(torch.from_numpy(total / count)[None, None].float(),
-                                                  size=(height, width), mode="bilinear", align_corners=False)
-        maps.append(np.maximum(resized[0, 0].numpy(), 0).astype(np.float32))
-    return maps
+    return [np.maximum(total / max(count, 1), 0).astype(np.float32) for total in sums]
+
+
+def _resized(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map resized (bilinear) to (height, width)."""
+    if grid.shape == tuple(size):
+        return grid.astype(np.float64)
+    tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=tuple(size), mode="bilinear",
+                                           align_corners=False)[0, 0].double().numpy()
 
 
 def output_stems(names: Sequence[str]) -> list[str]:
@@ -122,6 +131,11 @@ def read_scans(path: str | os.PathLike) -> pd.DataFrame:
     table = csvfiles.read_frame(path, text_columns=("name", "subject"))
     if list(table.columns) == ["name", "subject"]:
         return table
+    rows = csvfiles.read_name_value_rows(path, value_name="subject", value_range=(-float("inf"), float("inf")),
+                                         allow_subject=True, range_hint="")
+    if rows.subjects is None:  # name,subject rows without a header
+        return pd.DataFrame({"name": rows.names, "subject": [str(int(v)) if float(v).is_integer() else str(v)
+                                                             for v in rows.values]})
     return data.read_labels(path)[["name", "subject", "percentage"]]
 
 
@@ -155,8 +169,8 @@ def per_scan(frame: pd.DataFrame) -> pd.DataFrame:
     """Per scan (`subject`): slices, mean and max predicted percentage, the severity class of the mean; with a
     `percentage` column (the truth) also the scan's mean label and the absolute error of its mean prediction."""
     if "subject" not in frame.columns or frame["subject"].isna().all():
-        raise ValueError("per-scan summaries need each slice's scan: a `subject` column (Train's label file, or a "
-                         "CSV mapping images to scans)")
+        raise ExplainError("per-scan summaries need each slice's scan: a `subject` column (Train's label file, or a "
+                           "CSV mapping images to scans: --scans)")
     groups = frame.dropna(subset=["subject"]).groupby("subject")
     table = groups.agg(slices=("prediction", "size"), mean_prediction=("prediction", "mean"),
                        max_prediction=("prediction", "max"))
@@ -167,7 +181,75 @@ def per_scan(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLike, out: str | os.PathLike,
+              level: float = 0.9, per_class: int = 2) -> dict[str, pd.DataFrame]:
+    """For a cross-validation run (utils.sweep, every fold trained): the intervals' coverage on held-out folds
+    (each fold calibrated on the others; Mondrian against one interval for all), the per-scan table, and a grid of
+    held-out slices (`per_class` per severity class) with their own fold's heatmaps. Writes intervals_cv.csv,
+    per_scan_cv.csv and the figures interval_coverage.png, per_scan.png, saliency_grid.png to `out`."""
+    import matplotlib.pyplot as plt
+
+    from utils import report
+    from utils.config import RunPaths
+    from utils.folds import SEVERITY_CLASSES, read_folds
+
+    paths = RunPaths(run_dir)
+    folds = read_folds(paths.folds_csv)
+    per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, [model]))
+    oof = per_model[per_model["split"] == ensemble.OOF].merge(folds, on="name")
+    tables = {}
+    for method in intervals.METHODS:
+        low, high = intervals.cross_conformal(oof["prediction"], oof["percentage"], oof["fold"], method, level)
+        tables[method] = intervals.coverage_table(low, high, oof["percentage"])
+        if method == "mondrian":
+            oof = oof.assign(low=low, high=high)
+    out = Path(out)
+    coverage = pd.concat(tables, names=["method"]).reset_index(level=0)
+    csvfiles.write_frame(out / "intervals_cv.csv", coverage)
+    scans = per_scan(oof)
+    csvfiles.write_frame(out / "per_scan_cv.csv", scans)
+    figures = {"interval_coverage": report.coverage_by_class(tables, level), "per_scan": report.per_scan(scans)}
+    slices = data.load_split(data_dir, "Train", require_labels=True)[["name", "path"]]
+    picked = pd.concat([group.sample(min(per_class, len(group)), random_state=0)
+                        for _, group in oof.merge(slices, on="name").groupby("severity", observed=True)])
+    maps = []
+    for fold, group in picked.groupby("fold", sort=False):
+        cfg = TrainConfig.load_yaml(paths.fold(model, fold) / "config.yaml")
+        weights = {fold: [train.checkpoint_path(paths.fold(model, fold), e) for e in train.kept_epochs(cfg)]}
+        for (_, row), heatmap in zip(group.iterrows(), heatmaps([predict.EnsembleModel(cfg, weights)],
+                                                                 group[["name", "path"]], progress=False)):
+            maps.append((row["name"], heatmap))
+    by_name = dict(maps)
+    order = [n for c in SEVERITY_CLASSES for n in picked.loc[picked["severity"] == c, "name"]]
+    rows = picked.set_index("name").loc[order]
+    titles = [f"{n}: {r['percentage']:.0f} %, pred. {r['prediction']:.0f} [{r['low']:.0f}, {r['high']:.0f}]"
+              for n, r in rows.iterrows()]
+    figures["saliency_grid"] = report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
+                                                   [by_name[n] for n in order], titles)
+    for name, fig in figures.items():
+        report.save(fig, out, name)
+        plt.close(fig)
+    return {"coverage": coverage, "per_scan": scans}
+
+
+def _cv_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.explain cv", description=cv_report.__doc__.split(":")[0])
+    parser.add_argument("run", help="runs/<name>/ of a utils.sweep run")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="its data folder (the slices of the saliency grid)")
+    parser.add_argument("--out", required=True, help="the folder for the tables and figures")
+    parser.add_argument("--interval", type=float, default=0.9)
+    args = parser.parse_args(argv)
+    result = cv_report(args.run, args.model, args.data, args.out, intervals.check_level(args.interval))
+    print(result["coverage"].to_string(index=False, float_format="%.3f"))
+    print(f"per-scan MAE {result['per_scan']['abs_error'].mean():.3f} over {len(result['per_scan'])} scans")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cv"]:
+        return _cv_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m utils.explain", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run folder (runs/<name>/) or an export folder")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -192,7 +274,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(_main, argv, errors=(predict.PredictError, data.DataError, FileNotFoundError,
                                         ensemble.EnsembleError, train.TrainingDiverged, csvfiles.CsvError,
-                                        intervals.IntervalError))
+                                        intervals.IntervalError, ExplainError))
 
 
 if __name__ == "__main__":

@@ -66,14 +66,20 @@ class RunLocked(RuntimeError):
 class DiskFullError(OSError):
     """No space left where a file was being written; nothing partial was kept."""
 
-    def __init__(self, path: Path, detail: str):
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB were free there when it failed"
-        except OSError:
-            free = "free space unknown"
-        super().__init__(errno.ENOSPC, f"no space left on device writing {path} ({detail}; {free}): free some space "
-                                       "(or put the outputs elsewhere with --workdir) and rerun the same command; "
-                                       "nothing partial was kept and finished work is reused")
+    def __init__(self, path: Path, detail: str, message: str | None = None):
+        if message is None:
+            try:
+                free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB were free there when it failed"
+            except OSError:
+                free = "free space unknown"
+            message = (f"no space left on device writing {path} ({detail}; {free}): free some space (or put the "
+                       "outputs elsewhere with --workdir) and rerun the same command; nothing partial was kept and "
+                       "finished work is reused")
+        super().__init__(errno.ENOSPC, message)
+        self.path, self.detail = path, detail
+
+    def __reduce__(self):  # pickled as its message: a Dask worker's error reaches the client as this type
+        return type(self), (self.path, self.detail, self.strerror)
 
     def __str__(self) -> str:
         return self.strerror
@@ -198,12 +204,17 @@ def write_zip(path: str | os.PathLike, members: Mapping[str, str | bytes]) -> Pa
 # ----------------------------------------------------------------------------------------------- integrity
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def stream_digest(handle: Any) -> str:
+    """SHA-256 of what is left to read from a binary file handle."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    with open(path, "rb") as handle:
+        return stream_digest(handle)
 
 
 def _records(folder: Path) -> dict[str, dict[str, Any]]:

@@ -212,10 +212,16 @@ def check_scheduler(address: str, timeout: float = 5.0) -> None:
     from urllib.parse import urlparse
 
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname:
-        raise JobFailed(f"--scheduler {address!r}: expected tcp://HOST:PORT (what `dask scheduler` prints)")
     try:
-        with socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=timeout):
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if not parsed.hostname or port == -1:
+        raise JobFailed(f"--scheduler {address!r}: expected tcp://HOST:PORT (what `dask scheduler` prints)")
+    if parsed.scheme not in ("tcp", "tls"):
+        return  # ucx://, ws://...: Dask's other transports, not tried here
+    try:
+        with socket.create_connection((parsed.hostname, port or 8786), timeout=timeout):
             pass
     except OSError as error:
         raise JobFailed(f"--scheduler {address}: no Dask scheduler answers there within {timeout:g} s ({error}); "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,12 +42,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_device(device: str, where: str = "device") -> None:
-    """Refuse a GPU this machine does not have (before anything runs), naming the setting and the way out."""
+def check_device(device: str, where: str = "device", one_gpu_per_job: bool = False) -> None:
+    """Refuse a device this machine does not have (before anything runs), naming the setting and the way out;
+    `one_gpu_per_job`: the local cluster's jobs each see one GPU, as cuda (cuda:N with N >= 1 cannot exist there)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"{where}={device!r}: use auto, cpu, cuda or cuda:N", key="device")
     if not device.startswith("cuda"):
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(device.partition(":")[2] or 0)
+    if one_gpu_per_job and index >= 1 and count:
+        raise ConfigError(f"{where}={device!r}: each local training job sees only its own GPU, as cuda (the jobs are "
+                          "spread over every GPU: --jobs-per-gpu); use device cuda or auto", key="device")
     if index >= count:
         seen = f"{count} GPU(s) visible" if count else "no GPU is visible (torch.cuda.is_available() is False)"
         raise ConfigError(f"{where}={device!r}: {seen} on this machine; use device auto or cpu here, or send the "

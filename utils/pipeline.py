@@ -173,7 +173,7 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
     configs = run.train + run.pseudo
     if runner.scheduler is None:
         for cfg in configs:
-            machine.check_device(cfg.device)
+            machine.check_device(cfg.device, one_gpu_per_job=True)
     else:
         jobs.check_scheduler(runner.scheduler)
     if runner.jobs is not None:
@@ -215,8 +215,19 @@ def _run_notebook(step: Step, run_dir: Path, declared: set[str], kernel: str) ->
 def run(argv: Sequence[str] | None = None) -> Path | None:
     """Run the stages; returns the submission path when the submit stage ran."""
     args = parse_args(argv)
+    previous = os.environ.get(WORKDIR_ENV)
     if args.workdir:
         os.environ[WORKDIR_ENV] = str(Path(args.workdir).expanduser().resolve())  # the kernels and jobs inherit it
+    try:
+        return _run(args)
+    finally:  # an in-process caller (a test, a notebook) keeps its own
+        if previous is None:
+            os.environ.pop(WORKDIR_ENV, None)
+        else:
+            os.environ[WORKDIR_ENV] = previous
+
+
+def _run(args: argparse.Namespace) -> Path | None:
     root = workdir()
     profile = load_profile(args.profile)
     name = args.name or Path(profile["path"]).stem

@@ -88,7 +88,9 @@ def load_calibration(run_or_export: str | os.PathLike) -> intervals.Calibration:
         if not manifest.get("calibration"):
             raise intervals.IntervalError(f"{path} holds no interval calibration: export the run again with this "
                                           "version (python -m utils.predict export RUN)")
-        return intervals.Calibration.load(path / manifest["calibration"])
+        way_out = "copy the export again, or export the run again"
+        return intervals.Calibration.load(files.check_entry(path / manifest["calibration"],
+                                                            manifest["files"][manifest["calibration"]], way_out))
     return intervals.Calibration.load(RunPaths(path).ensemble / ensemble.calibration_name(_final_stem(path)))
 
 
@@ -129,13 +131,20 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
         raise PredictError(f"{manifest_path}: export format {found!r}, this version reads "
                            f"{EXPORT_FORMAT}: export the run again with this version")
     way_out = f"export the run again (python -m utils.predict export {manifest.get('run', 'RUN')})"
-    missing = [key for key in ("files", "models", "ensemble") if not isinstance(manifest.get(key), (dict, list))]
+    shapes = {"files": dict, "models": list, "ensemble": dict, "run": str}
+    missing = [key for key, kind in shapes.items() if not isinstance(manifest.get(key), kind)]
     if missing:
         raise PredictError(f"{manifest_path} has no {', '.join(repr(k) for k in missing)}: it is incomplete or was "
                            f"edited; {way_out}")
+    calibration = manifest.get("calibration")
+    if calibration and calibration not in manifest["files"]:
+        raise PredictError(f"{manifest_path}: {export_dir / calibration} (the intervals' calibration) has no size and "
+                           f"digest in the manifest's files, so it cannot be checked: refused; {way_out}")
     for index, model in enumerate(manifest["models"]):
-        if not isinstance(model, dict) or not {"name", "config", "folds"} <= set(model):
-            raise PredictError(f"{manifest_path}: models[{index}] lacks name, config or folds; {way_out}")
+        if not isinstance(model, dict) or not {"name", "config", "folds"} <= set(model) or \
+                not isinstance(model["folds"], dict) or not all(isinstance(v, list) for v in model["folds"].values()):
+            raise PredictError(f"{manifest_path}: models[{index}] lacks a name, a config or its folds (a mapping of "
+                               f"fold -> weight files); {way_out}")
         loaded = [model["config"]] + [name for names in model["folds"].values() for name in names]
         unlisted = [name for name in loaded if name not in manifest["files"]]
         if unlisted:

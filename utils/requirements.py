@@ -5,13 +5,17 @@
 
 A requirement is met when an installed distribution of that name has a version its specifier allows. torch and
 torchvision are never installed, upgraded or downgraded here, whatever their version: they come with the platform's
-CUDA build, and replacing them breaks it; an unmet specifier is only reported. Nothing is written into the checkout.
+CUDA build, and replacing them breaks it. So the missing packages are installed with the installed torch and
+torchvision pinned (a pip constraints file): a package that would need another torch fails to install rather than
+replace it. Without torch there is nothing to pin: that is an error naming the fix. Nothing is written into the
+checkout.
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -66,9 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("the current environment has every requirement")
         return 0
     print(f"missing from the current environment: {' '.join(to_install)}")
-    if args.install:
-        return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", *to_install])
-    return 0
+    if not args.install:
+        return 0
+    pins = {name: _installed_version(name) for name in NEVER_INSTALLED}
+    if pins["torch"] is None:
+        print("error: torch is not installed here: install the platform's torch (and torchvision) build first "
+              "(https://pytorch.org/get-started/locally/), or use ./run_all.sh without --no-venv", file=sys.stderr)
+        return 1
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="percovid_constraints_") as constraints:
+        constraints.write("".join(f"{name}=={version}\n" for name, version in pins.items() if version))
+        constraints.flush()
+        return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", "-c", constraints.name,
+                                *to_install])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from utils import csvfiles, files, jobs
@@ -148,6 +149,41 @@ def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def paired_table(run_dir: str | Path, base: str) -> pd.DataFrame:
+    """Each model against `base`, fold by fold, on the folds both finished: per fold the plain and the
+    class-balanced MAE and their differences (negative: better than the base), how many folds each improved, and
+    the pooled out-of-fold MAE, class-balanced MAE and per-class bias of each model (the paired CV table)."""
+    from utils.ensemble import average_checkpoints_and_folds, load_predictions, oof_table
+    from utils.folds import read_folds
+
+    truth = read_folds(RunPaths(run_dir).folds_csv)
+    per_model = average_checkpoints_and_folds(load_predictions(run_dir))
+    oof = per_model[per_model["split"] == "oof"].merge(truth[["name", "fold"]], on="name")
+    if base not in set(oof["model"]):
+        raise ValueError(f"--base {base!r}: no out-of-fold predictions in {run_dir} (models: "
+                         f"{sorted(set(oof['model']))})")
+    per_fold = {(model, fold): oof_table(group, truth).iloc[0] for (model, fold), group in oof.groupby(["model",
+                                                                                                       "fold"])}
+    pooled = oof_table(per_model, truth).set_index("model")
+    base_folds = {fold for model, fold in per_fold if model == base}
+    rows = []
+    for model in sorted({model for model, _ in per_fold}, key=lambda m: (m != base, m)):
+        folds = sorted(base_folds & {fold for m, fold in per_fold if m == model})
+        row = {"model": model, "folds": len(folds), "MAE": pooled.loc[model, "MAE"],
+               "MAE_balanced": pooled.loc[model, "MAE_balanced"]}
+        for metric, short in (("MAE", "d_MAE"), ("MAE_balanced", "d_balanced")):
+            deltas = [per_fold[(model, f)][metric] - per_fold[(base, f)][metric] for f in folds]
+            for fold, delta in zip(folds, deltas):
+                row[f"{short}_fold{fold}"] = delta
+            row[f"{short}_mean"] = float(np.mean(deltas))
+            row[f"{short}_helped"] = int(sum(d < 0 for d in deltas))
+        for column in pooled.columns:
+            if column.startswith("bias_") or (column.startswith("MAE_") and column != "MAE_balanced"):
+                row[column] = pooled.loc[model, column]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def format_report(table: pd.DataFrame) -> str:
     """The per-model table as printed: the challenge's metrics, the class-balanced MAE and the fold spread, then
     each severity class's MAE and bias (negative: predicted too low)."""
@@ -187,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("run_dir")
     report.add_argument("--all", action="store_true", help="also models with missing folds")
     report.add_argument("--plot", help="also save the figure (pooled MAE bars, per-fold dots) to this PNG")
+    compare = commands.add_parser("compare", help="paired per-fold differences of each model against a base model")
+    compare.add_argument("run_dir")
+    compare.add_argument("--base", required=True, help="the model the others are compared with")
+    compare.add_argument("--csv", help="also write the table to this CSV")
     args = parser.parse_args(argv)
 
     if args.command == "pack":
@@ -200,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   overrides=parse_overrides(args.param), n_folds=args.n_folds, fold_seed=args.fold_seed,
                   runner=runner, time_limit=args.time_limit)
         print(format_report(cv_table(run_dir, complete_only=False)))
+    elif args.command == "compare":
+        table = paired_table(args.run_dir, args.base)
+        print(table.to_string(index=False, float_format="%.3f"))
+        if args.csv:
+            csvfiles.write_frame(args.csv, table)
+            print(f"wrote {args.csv}")
     else:
         table = cv_table(args.run_dir, complete_only=not args.all)
         if table.empty:

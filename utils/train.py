@@ -320,7 +320,7 @@ def inputs_digest(parts: dict[str, SplitImages | None]) -> dict[str, Any]:
         labels = split.frame["percentage"].to_numpy(np.float64)
         rows = sorted(zip(split.frame["name"], labels, data.image_digests(split.images)))
         for name, label, image in rows:
-            digest.update(f"{role}\t{name}\t{label!r}\t{image}\n".encode("utf-8", "surrogateescape"))
+            digest.update(f"{role}\t{name}\t{float(label)!r}\t{image}\n".encode("utf-8", "surrogateescape"))
         counts[role] = len(rows)
     return {"digest": digest.hexdigest(), "slices": counts}
 
@@ -431,6 +431,7 @@ class _FoldTraining:
             self.transform.set_seed(cfg.seed * 100_003 + self.fold * 1009 + epoch)
         sums: dict[str, torch.Tensor] = {}
         not_finite = torch.zeros((), dtype=torch.int64, device=self.device)
+        counted = torch.zeros((), dtype=torch.float64, device=self.device)  # the slices of finite-loss steps
         seen = steps = 0
         bar = tqdm(self.loader, total=self.steps_per_epoch, desc=f"{cfg.model_name} f{self.fold} e{epoch + 1}/"
                    f"{cfg.epochs}", disable=not progress, leave=False, mininterval=2.0)
@@ -440,6 +441,7 @@ class _FoldTraining:
             parts = self.runner(*self.runner.to_device(images, targets))
             finite = torch.isfinite(parts["loss"])
             not_finite += (~finite).long()
+            counted += finite.double() * len(targets)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + torch.where(finite, value, 0.0) * len(targets)
             seen, steps = seen + len(targets), steps + 1
@@ -450,8 +452,9 @@ class _FoldTraining:
         # gradients, hence NaN weights from then on
         if bad and (self.runner.scaler is None or bad == steps):
             raise self.diverged(epoch, f"the training loss was NaN or infinite in {bad} of {steps} steps")
+        finite_slices = max(float(counted), 1.0)
         return {"train_images_per_s": seen / (time.perf_counter() - started),
-                **{f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()}}
+                **{f"train_{k}": float(v) / finite_slices for k, v in sums.items()}}
 
     def diverged(self, epoch: int, what: str) -> TrainingDiverged:
         cfg = self.cfg
@@ -504,31 +507,33 @@ def _predict_with_kept_checkpoints(cfg: TrainConfig, fold_dir: Path, splits: dic
 def _reuse_fold(cfg: TrainConfig, fold: int, fold_dir: Path, predict_splits: dict[str, SplitImages],
                 inputs: dict[str, Any]) -> pd.DataFrame:
     """A finished fold's predictions, after verifying its files; Val/Test slices it has not predicted (new ones, or
-    ones whose image changed under the same name) are predicted with its kept checkpoints and added."""
+    ones whose image changed under the same name) are predicted with its kept checkpoints and added, and those of
+    slices no longer in their split are dropped."""
     predictions_csv = fold_dir / "predictions.csv"
     files.forget(fold_dir / "state.pt")  # left over when a kill fell inside the finishing forget
     files.verify_folder(fold_dir, _way_out(fold_dir))
     predictions = ensemble.read_predictions(predictions_csv)
-    saved = _saved_inputs(fold_dir) or {}
-    recorded = saved.get("predicted", {})
+    recorded = (_saved_inputs(fold_dir) or {}).get("predicted", {})
     current = _predicted_digests(predict_splits)
-    new, changed = {}, 0
+    new, changed, rows_before = {}, 0, len(predictions)
     for split, split_images in predict_splits.items():
         done = recorded.get(split, {})
         stale = np.array([done.get(name) != digest for name, digest in current[split].items()], dtype=bool)
+        names = set(split_images.frame["name"][stale])
+        changed += sum(1 for name in names if name in done)
+        in_split = predictions["split"] == split
+        gone = in_split & ~predictions["name"].isin(set(split_images.frame["name"]))  # removed from the split
+        predictions = predictions[~(gone | (in_split & predictions["name"].isin(names)))]
         if stale.any():
-            names = set(split_images.frame["name"][stale])
-            changed += sum(1 for name in names if name in done)
-            predictions = predictions[~((predictions["split"] == split) & predictions["name"].isin(names))]
             new[split] = split_images.subset(stale)
-    if not new:
+    if not new and len(predictions) == rows_before:
         log.info("[%s fold %d] already done: reusing %s", cfg.model_name, fold, predictions_csv)
         return predictions
-    log.info("[%s fold %d] already trained: predicting %s slice(s) with its kept checkpoints (no training%s)",
-             cfg.model_name, fold, ", ".join(f"{len(s.frame)} {split}" for split, s in new.items()),
-             f"; {changed} of them changed since they were predicted" if changed else "")
-    added = _predict_with_kept_checkpoints(cfg, fold_dir, new)
-    predictions = pd.concat([predictions, added], ignore_index=True)
+    if new:
+        log.info("[%s fold %d] already trained: predicting %s slice(s) with its kept checkpoints (no training%s)",
+                 cfg.model_name, fold, ", ".join(f"{len(s.frame)} {split}" for split, s in new.items()),
+                 f"; {changed} of them changed since they were predicted" if changed else "")
+        predictions = pd.concat([predictions, _predict_with_kept_checkpoints(cfg, fold_dir, new)], ignore_index=True)
     csvfiles.write_frame(predictions_csv, predictions, record=True)
     _write_inputs(fold_dir, inputs, {**recorded, **current})
     return predictions
