@@ -222,12 +222,12 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
     by_name = dict(maps)
     order = [n for c in SEVERITY_CLASSES for n in picked.loc[picked["severity"] == c, "name"]]
     rows = picked.set_index("name").loc[order]
-    titles = [f"{n}: {r['percentage']:.0f} %, pred. {r['prediction']:.0f} [{r['low']:.0f}, {r['high']:.0f}]"
-              for n, r in rows.iterrows()]
+    titles = [f"{n}: {r['percentage']:.0f} %, pred. {np.clip(r['prediction'], 0, 100):.0f} "
+              f"[{r['low']:.0f}, {r['high']:.0f}]" for n, r in rows.iterrows()]
     figures["saliency_grid"] = report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
                                                    [by_name[n] for n in order], titles)
     for name, fig in figures.items():
-        report.save(fig, out, name)
+        report.save(fig, out, name, dpi=70 if name == "saliency_grid" else 110)  # the grid: a photo, kept small
         plt.close(fig)
     return {"coverage": coverage, "per_scan": scans}
 

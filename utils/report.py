@@ -17,11 +17,11 @@ from utils.folds import SEVERITY_CLASSES, severity_class
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def save(fig: plt.Figure, figures_dir: str | Path, name: str) -> Path:
+def save(fig: plt.Figure, figures_dir: str | Path, name: str, dpi: int = 110) -> Path:
     """Save a figure as PNG (the notebook also displays it)."""
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
 
 
@@ -158,9 +158,9 @@ def coverage_by_class(tables: dict[str, pd.DataFrame], level: float) -> plt.Figu
     frame = pd.concat([t.assign(method=m) for m, t in tables.items()], ignore_index=True)
     fig, ax = plt.subplots(figsize=(10, 4))
     sns.barplot(data=frame, x="class", y="coverage", hue="method", ax=ax)
-    for container in ax.containers:
-        widths = frame[frame["method"] == container.get_label()]["mean_width"].to_numpy()
-        ax.bar_label(container, labels=[f"±{w / 2:.1f}" for w in widths], fontsize=8)
+    for container, method in zip(ax.containers, tables):  # seaborn draws one container per hue, in order
+        widths = tables[method]["mean_width"].to_numpy()
+        ax.bar_label(container, labels=[f"±{w / 2:.0f}" for w in widths], fontsize=8)
     ax.axhline(level, color="black", lw=1, ls="--")
     ax.set(ylim=(0, 1.08), title=f"{level:.0%} intervals: coverage (bars) and half-width (labels), held-out folds",
            xlabel="true severity class")
