@@ -266,7 +266,8 @@ class TrainConfig(Settings):
             (bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)), "device",
              f"{self.device!r}: use auto, cpu, cuda or cuda:N"),
         ])
-        check_arch(self.arch)
+        # the architecture is checked where it matters without importing timm in every process that reads a recipe:
+        # check_run_settings (before a run starts) and utils.models.build_model (before a model is built)
 
     @property
     def compile_mode(self) -> str | None:
@@ -418,8 +419,10 @@ def _attributed(error: ConfigError, sources: list[tuple[str, Mapping[str, Any]]]
     return ConfigError(f"{where}: {error}", key=error.key)
 
 
-def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a loaded profile and the -p overrides before anything runs; returns the validated settings:
+def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any], check_archs: bool = True
+                       ) -> dict[str, Any]:
+    """Check a loaded profile and the -p overrides before anything runs (`check_archs`: also that every arch is a
+    timm architecture, which imports timm); returns the validated settings:
     {"train": [TrainConfig per model], "pseudo": [TrainConfig per pseudo-label retrain], "folds": FoldSettings,
     "ensemble": EnsembleSettings, "submit": SubmitSettings}."""
     known = known_settings()
@@ -450,6 +453,11 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any]) ->
                                    TrainConfig.field_names())
         layers = [sources[0], (where, model), sources[1]]
         cfg = build(TrainConfig, {**profile["params"], **model, **overrides}, layers)
+        if check_archs:
+            try:
+                check_arch(cfg.arch)
+            except ConfigError as error:
+                raise _attributed(error, layers) from None
         bad = [f for f in cfg.folds if f >= fold_settings.n_folds]
         if bad:
             raise _attributed(ConfigError(f"folds={cfg.folds}: fold {bad[0]} does not exist with "

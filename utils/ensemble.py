@@ -168,15 +168,13 @@ def calibration_name(stem: str = "ensemble") -> str:
 def write_calibration(per_model: pd.DataFrame, models: Sequence[str], truth: pd.DataFrame, out_dir: str | Path,
                       stem: str = "ensemble") -> Path | None:
     """The ensemble's unrounded out-of-fold predictions with their labels: what utils.intervals calibrates on
-    (None, and nothing written, when no slice has an out-of-fold prediction)."""
-    from utils.intervals import Calibration
-
+    (None, and nothing written, when no slice has an out-of-fold prediction). Columns prediction, percentage: what
+    utils.intervals.Calibration.load reads (written here without importing crepes into every 03 run)."""
     oof = per_model[per_model["split"] == OOF]
     if oof.empty:
         return None
     combined = combine_models(oof, models, rounding=False).merge(truth[["name", "percentage"]], on="name")
-    return Calibration(combined["prediction"].to_numpy(), combined["percentage"].to_numpy()).save(
-        Path(out_dir) / calibration_name(stem))
+    return csvfiles.write_frame(Path(out_dir) / calibration_name(stem), combined[["prediction", "percentage"]])
 
 
 def read_ensemble_models(out_dir: str | Path, stem: str = "ensemble") -> list[str]:

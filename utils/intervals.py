@@ -119,7 +119,8 @@ class Calibration:
             raise IntervalError(f"{path} is missing: intervals need the run's out-of-fold calibration, which "
                                 "03_ensemble writes (a run on data without folds has none)")
         frame = csvfiles.read_frame(path, text_columns=("method",))
-        return cls(frame["prediction"].to_numpy(), frame["percentage"].to_numpy(), str(frame["method"].iloc[0]))
+        method = str(frame["method"].iloc[0]) if "method" in frame.columns else "mondrian"
+        return cls(frame["prediction"].to_numpy(), frame["percentage"].to_numpy(), method)
 
 
 def coverage_table(low: np.ndarray, high: np.ndarray, truth: np.ndarray) -> pd.DataFrame:

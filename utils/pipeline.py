@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from utils import cli, files, jobs, machine, runs, selfsup
+from utils import cli, files, jobs, machine, runs
 from utils.config import (
     REPO_ROOT,
     WORKDIR_ENV,
@@ -268,6 +268,8 @@ def _run_steps(recipe: runs.Run, runner: jobs.Runner, submission_csv: Path, args
         if step.notebook:
             _run_notebook(step, run_dir, declared[step.notebook], kernel)
         elif step.pretrain:
+            from utils import selfsup  # only runs that pretrain need albumentations' views here
+
             selfsup.run_pretraining(step.pretrain, where.data_dir, where.cache_dir)
         else:
             try:

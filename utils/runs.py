@@ -15,9 +15,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from utils import phantoms, selfsup
 from utils.config import (
     ConfigError,
     NotebookSettings,
@@ -30,6 +29,9 @@ from utils.config import (
     workdir,
 )
 
+if TYPE_CHECKING:
+    from utils.selfsup import SelfSupConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class Run:
     overrides: dict[str, Any]
     paths: PathSettings  # absolute
     settings: dict[str, Any]  # utils.config.check_run_settings's, the selfsup weights filled in
-    pretrainings: dict[Path, selfsup.SelfSupConfig]  # weights file -> its pretraining (selfsup_epochs > 0)
+    pretrainings: dict[Path, SelfSupConfig]  # weights file -> its pretraining (selfsup_epochs > 0)
 
     @property
     def name(self) -> str:
@@ -70,7 +72,7 @@ class Run:
                               f"(its models: {sorted(known)})", key="train_models")
         return [known[name] for name in names]
 
-    def pretrainings_for(self, configs: Sequence[TrainConfig]) -> dict[Path, selfsup.SelfSupConfig]:
+    def pretrainings_for(self, configs: Sequence[TrainConfig]) -> dict[Path, SelfSupConfig]:
         """The self-supervised pretrainings these models' weights come from."""
         wanted = {Path(cfg.pretrained_file) for cfg in configs if cfg.pretrained_file}
         return {out: cfg for out, cfg in self.pretrainings.items() if out in wanted}
@@ -79,6 +81,8 @@ class Run:
         """The data folder; the phantom set is generated when it is the data and missing (first use)."""
         folder = Path(self.paths.data_dir)
         if folder == default_data_dir() and not (folder / "Train").is_dir():
+            from utils import phantoms  # imported when needed: every notebook resolves its run through here
+
             log.info("making the phantom CT data set in %s (first use only)", folder)
             phantoms.generate_phantoms(folder)
         return folder
@@ -86,19 +90,22 @@ class Run:
 
 def resolve(profile: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
             data_dir: str | Path | None = None, run_dir: str | Path | None = None,
-            cache_dir: str | Path | None = None) -> Run:
-    """Check the profile and overrides (nothing is read or written), and resolve the paths (defaults under
-    `utils.config.workdir()`; run_dir: runs/interactive_<profile>)."""
+            cache_dir: str | Path | None = None, check_archs: bool = True) -> Run:
+    """Check the profile and overrides (nothing is read or written; `check_archs`: the architectures too, which
+    imports timm), and resolve the paths (defaults under `utils.config.workdir()`; run_dir:
+    runs/interactive_<profile>)."""
     loaded = dict(profile) if isinstance(profile, Mapping) else load_profile(profile)
     overrides = dict(overrides or {})
-    settings = check_run_settings(loaded, overrides)
+    settings = check_run_settings(loaded, overrides, check_archs)
     if run_dir is None:
         run_dir = workdir() / "runs" / f"interactive_{Path(loaded['path']).stem}"
     paths = PathSettings(None if data_dir is None else str(data_dir), str(run_dir),
                          None if cache_dir is None else str(cache_dir)).resolved()
-    pretrainings: dict[Path, selfsup.SelfSupConfig] = {}
+    pretrainings: dict[Path, SelfSupConfig] = {}
     ssl = settings["selfsup"]
     if ssl.selfsup_epochs:
+        from utils import selfsup  # imported when needed: it brings albumentations and the training loop
+
         out_dir = Path(paths.run_dir) / "selfsup"
         settings["train"], pretrainings = selfsup.with_pretraining(settings["train"], ssl.selfsup_epochs,
                                                                    ssl.selfsup_method, out_dir)
@@ -112,6 +119,10 @@ def from_notebook(namespace: Mapping[str, Any]) -> tuple[Run, NotebookSettings]:
     and PathSettings); the data folder exists afterwards (the phantom set is made on first use)."""
     notebook = NotebookSettings.from_namespace(namespace)
     where = PathSettings.from_namespace(namespace)
-    run = resolve(notebook.profile, notebook.overrides, where.data_dir, where.run_dir, where.cache_dir)
+    # the architectures are not checked here (timm costs each notebook a second): the pipeline checked them before
+    # its first notebook, and in Jupyter utils.models refuses an unknown one, with the closest names, when the
+    # notebook builds a model
+    run = resolve(notebook.profile, notebook.overrides, where.data_dir, where.run_dir, where.cache_dir,
+                  check_archs=False)
     run.ensure_data()
     return run, notebook
