@@ -50,6 +50,18 @@ def test_cross_conformal_calibrates_each_fold_on_the_others():
     assert 0.77 <= ((truth >= low) & (truth <= high)).mean() <= 0.83
 
 
+def test_one_trained_fold_has_intervals_but_no_measured_coverage():
+    pred, truth = heteroscedastic(400, 6)
+    oof = pd.DataFrame({"prediction": pred, "percentage": truth, "fold": 0})
+    with pytest.raises(intervals.IntervalError, match="at least 2 trained folds"):
+        intervals.cross_conformal(pred, truth, oof["fold"])
+    tables, low, high = intervals.out_of_fold_coverage(oof)
+    assert tables == {} and len(low) == len(high) == 400 and (low <= high).all()
+    oof["fold"] = np.arange(400) % 4
+    tables, _, _ = intervals.out_of_fold_coverage(oof)
+    assert sorted(tables) == sorted(intervals.METHODS)
+
+
 @pytest.mark.parametrize("level", [0, 1, 1.5, -0.1])
 def test_a_level_outside_zero_one_is_an_error(level):
     with pytest.raises(intervals.IntervalError, match="strictly between 0 and 1"):

@@ -197,12 +197,11 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
     folds = read_folds(paths.folds_csv)
     per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, [model]))
     oof = per_model[per_model["split"] == ensemble.OOF].merge(folds, on="name")
-    tables = {}
-    for method in intervals.METHODS:
-        low, high = intervals.cross_conformal(oof["prediction"], oof["percentage"], oof["fold"], method, level)
-        tables[method] = intervals.coverage_table(low, high, oof["percentage"])
-        if method == "mondrian":
-            oof = oof.assign(low=low, high=high)
+    tables, low, high = intervals.out_of_fold_coverage(oof, level)
+    if not tables:
+        raise intervals.IntervalError(f"{run_dir}: the cv report needs every fold trained (a utils.sweep run); "
+                                      f"its out-of-fold slices come from one fold")
+    oof = oof.assign(low=low, high=high)
     out = Path(out)
     coverage = pd.concat(tables, names=["method"]).reset_index(level=0)
     csvfiles.write_frame(out / "intervals_cv.csv", coverage)

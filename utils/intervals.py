@@ -142,9 +142,28 @@ def cross_conformal(predictions, truth, folds, method: str = "mondrian", level: 
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Each fold's intervals calibrated on the other folds' residuals: what coverage on unseen subjects is."""
     predictions, truth, folds = (np.asarray(a) for a in (predictions, truth, folds))
+    if len(np.unique(folds)) < 2:
+        raise IntervalError(f"cross-conformal coverage needs at least 2 trained folds (each calibrated on the "
+                            f"others); these out-of-fold slices come from {len(np.unique(folds))}: train more "
+                            f"folds (setting 'folds')")
     low, high = np.empty(len(truth)), np.empty(len(truth))
     for fold in np.unique(folds):
         held = folds == fold
         calibration = Calibration(predictions[~held], truth[~held], method)
         low[held], high[held] = calibration.intervals(predictions[held], level)
     return low, high
+
+
+def out_of_fold_coverage(oof: pd.DataFrame, level: float = 0.9
+                         ) -> tuple[dict[str, pd.DataFrame], np.ndarray, np.ndarray]:
+    """The coverage table of each method (`cross_conformal`, on `oof`'s prediction, percentage and fold columns)
+    and the default method's intervals of those slices. With one trained fold there is no other fold to calibrate
+    on: no tables, and the intervals are calibrated on the slices' own residuals (shown, not a measured coverage)."""
+    predictions, truth, folds = (oof[c].to_numpy() for c in ("prediction", "percentage", "fold"))
+    if len(np.unique(folds)) < 2:
+        return {}, *Calibration(predictions, truth, METHODS[0]).intervals(predictions, level)
+    tables, intervals = {}, {}
+    for method in METHODS:
+        intervals[method] = cross_conformal(predictions, truth, folds, method, level)
+        tables[method] = coverage_table(*intervals[method], truth)
+    return tables, *intervals[METHODS[0]]

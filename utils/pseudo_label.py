@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils import csvfiles, ensemble
-from utils.config import PSEUDO_SUFFIX, RunPaths, pseudo_label_name
+from utils.config import PSEUDO_SUFFIX, PathSettings, RunPaths, TrainConfig, pseudo_label_name
 
 
 def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
@@ -69,3 +69,12 @@ def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequ
         ensemble.write_calibration(per_model, final, truth, paths.ensemble, stem="final")
     ensemble.write_ensemble(combined, paths.ensemble, final, stem="final")
     return final
+
+
+def retrain_here(configs: Sequence[TrainConfig], paths: PathSettings) -> None:
+    """04 in Jupyter (role 'train'): train the pseudo-label retrains in this process, as 02 trains its models (the
+    pipeline trains them as Dask jobs instead). The training loop is imported here, not with this module: 04 run
+    as a report never needs torch."""
+    from utils import train
+
+    train.run_models(configs, paths)
