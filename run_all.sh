@@ -4,11 +4,12 @@
 #                                              the pipeline -> <workdir>/submissions/<name>.csv (--help: all options)
 #   ./run_all.sh --test [PYTEST ARGS]...       the lint (ruff) and the test suite (-m "not slow": the fast lane)
 #   ./run_all.sh --no-venv ...                 either, in the current Python environment (Kaggle, Colab): installs only
-#                                              what is missing (never torch), writes nothing into the checkout
+#                                              what is missing (never torch); with --workdir DIR it writes
+#                                              nothing into the checkout
 # Without --no-venv both create .venv from requirements.txt (+ this project, editable) when it is missing or
 # requirements.txt changed.
 set -euo pipefail
-CALLER_DIR=$(pwd)  # a relative --workdir is the caller's, not the checkout's
+CALLER_DIR=$(pwd)  # relative paths on the command line are the caller's, not the checkout's
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PYTHONUNBUFFERED=1
 export MPLBACKEND=${MPLBACKEND:-Agg}
@@ -67,7 +68,7 @@ else
   # pip prints one harmless warning per package for this machine's unused local indexes: keep logs readable.
   quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
-  wanted=$(cat requirements.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
+  wanted=$(cat requirements.txt pyproject.toml run_all.sh | sha256sum | cut -d' ' -f1)  # here: cd'd to the checkout
   if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$wanted" ]; then
     echo "setting up $VENV from requirements.txt (first run: a few minutes, ~6 GB with torch)"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -89,4 +90,5 @@ if [ "$TEST" = 1 ]; then
   "${RUFF[@]}" --quiet utils tests notebooks
   exec "$PY" -m pytest ${PYTEST_CACHE[@]+"${PYTEST_CACHE[@]}"} "$@"
 fi
-exec "$PY" -m utils.pipeline --kernel "$KERNEL" "$@"
+# the pipeline resolves a relative --data, --profile FILE and -p pretrained_file/scans_csv from the caller's folder
+PERCOVID_CALLER_DIR="$CALLER_DIR" exec "$PY" -m utils.pipeline --kernel "$KERNEL" "$@"

@@ -162,8 +162,7 @@ def test_every_notebook_takes_its_recipe_from_a_profile_and_runs_the_demo_by_def
     parameters = _parameters(notebook)
     assert RECIPE_PARAMETERS <= set(parameters)
     assert parameters["profile"] == "demo" and parameters["overrides"] == {}
-    extra = {"02_train": {"train_models", "role"}, "04_pseudo_label": {"role"}, "05_submit": {"submission_csv"},
-             "06_explain": {"interval_level", "worst_slices", "scans_csv"}}
+    extra = {"02_train": {"train_models", "role"}, "04_pseudo_label": {"role"}, "05_submit": {"submission_csv"}}
     assert set(parameters) - RECIPE_PARAMETERS == extra.get(notebook.stem, set())
     assert json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"] == "percovid"
     assert "sys.path" not in notebook.read_text(), notebook.name
@@ -179,8 +178,22 @@ def test_the_pipeline_passes_notebooks_only_what_they_declare_and_reports_from_0
     assert [s.parameters["train_models"] for s in steps if s.notebook == "02_train"] == \
         [["resnet18_ldl_hybrid"], ["resnet18_reg_avg_sam"], ["resnet18_ldl_hybrid_pl"]]
     assert all(s.parameters["overrides"] == {"epochs": 3} for s in steps if s.notebook)
+    (tmp_path / "train_only" / "Train").mkdir(parents=True)  # nothing to pseudo-label: no retrains planned
+    run = runs.resolve("demo", {}, data_dir=tmp_path / "train_only", run_dir=tmp_path / "r")
+    assert [s.parameters["train_models"] for s in pipeline.plan(run, tmp_path / "s.csv", pipeline.STAGES)
+            if s.notebook == "02_train"] == [["resnet18_ldl_hybrid"], ["resnet18_reg_avg_sam"]]
 
 
 def test_every_setting_is_defined_once():
     names = [name for cls in SETTINGS_CLASSES for name in cls.field_names()]
     assert len(names) == len(set(names))
+
+
+def test_a_saved_recipe_of_another_version_names_the_file_and_the_key(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("arch: resnet18\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: .*'learning_rate'.*another version of this suite"):
+        TrainConfig.load_yaml(saved)
+    saved.write_text("")
+    with pytest.raises(ConfigError, match="config.yaml holds no recipe"):
+        TrainConfig.load_yaml(saved)

@@ -41,3 +41,28 @@ def test_the_heatmap_of_a_model_trained_on_phantoms_falls_on_the_infected_lung(t
     area = np.array([masks[i].mean() for i in chosen])
     assert len(chosen) >= 20 and all(m.shape == (64, 64) and (m >= 0).all() for m in maps)
     assert inside.mean() > 1.2 * area.mean() and (inside > area).mean() >= 0.8, (inside.mean(), area.mean())
+
+
+def test_output_names_never_collide():
+    names = ["a.png", "a.jpg", "b.png", "c.png", "c.png"]  # a stem twice; a full name twice (two folders)
+    stems = explain.output_stems(names)
+    assert stems == ["a.png", "a.jpg", "b", "c.png.3", "c.png.4"] and len(set(stems)) == len(names)
+    assert explain.heatmaps([], pd.DataFrame({"name": [], "path": []})) == []  # nothing asked, nothing decoded
+
+
+def test_scans_csv_forms(tmp_path):
+    plain = tmp_path / "plain.csv"
+    plain.write_text("Image_0001.png,scan_A\nImage_0002.png,007\n")  # no header; subjects are identifiers
+    assert explain.read_scans(plain).to_dict("list") == {"name": ["Image_0001.png", "Image_0002.png"],
+                                                         "subject": ["scan_A", "007"]}
+    headed = tmp_path / "headed.csv"
+    headed.write_text("name,subject\nImage_0001.png,007\n")
+    assert explain.read_scans(headed)["subject"].tolist() == ["007"]
+    labels = tmp_path / "Train.csv"
+    labels.write_text("Image_0001.png,12.5,3\nImage_0002.png,0,3\n")  # the challenge's label file
+    assert explain.read_scans(labels)[["name", "percentage"]].values.tolist() == [["Image_0001.png", 12.5],
+                                                                                  ["Image_0002.png", 0.0]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,subject\nImage_0001.png,\n")
+    with pytest.raises(ValueError, match=r"bad.csv, line 2: .* is not a name,subject row"):
+        explain.read_scans(bad)

@@ -7,11 +7,14 @@ import torch
 
 from utils.losses import (
     NUM_BINS,
+    _BlackboxRanks,
     balanced_mse,
     check_targets,
+    descending_ranks,
     head_loss,
     kl_to_target,
     lds_weights,
+    ranksim,
     sample_weights,
     smooth_l1,
     target_distribution,
@@ -201,3 +204,46 @@ def test_weighted_head_loss_is_the_weighted_mean_of_each_term_and_bmse_replaces_
     _, bmse_parts = head_loss(outputs, target, "reg", regression_loss="balanced_mse", bmse_sigma=3.0)
     assert set(bmse_parts) == {"bmse_reg", "loss"}
     assert float(bmse_parts["bmse_reg"]) == pytest.approx(float(balanced_mse(outputs["reg"], target, 3.0)))
+
+
+def test_descending_ranks_and_their_blackbox_gradient_by_hand():
+    rows = torch.tensor([[0.1, 0.5, 0.3]], requires_grad=True)
+    assert descending_ranks(rows)[0].tolist() == pytest.approx([1.0, 1 / 3, 2 / 3])  # the largest ranks first
+    # the gradient: ranks of rows + lambda * grad ([0.6, 0.0, 0.3] -> [1/3, 1, 2/3]) minus the ranks, over lambda
+    ranks = _BlackboxRanks.apply(rows, 0.5)
+    ranks.backward(torch.tensor([[1.0, -1.0, 0.0]]))
+    assert rows.grad[0].tolist() == pytest.approx([-4 / 3, 4 / 3, 0.0])
+
+
+def unit(degrees):
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
+
+
+def test_ranksim_by_hand():
+    labels = torch.tensor([0.0, 10.0, 50.0])
+    # features at 0, 90 and 30 degrees. Slice 0 ranks (itself, 2, 1) by similarity but (itself, 1, 2) by label:
+    # squared rank differences (0, 1/9, 1/9), mean 2/27; slices 1 and 2 likewise: 3 x 2/27
+    crossed = torch.tensor([unit(0), unit(90), unit(30)])
+    assert float(ranksim(crossed, labels)) == pytest.approx(2 / 9)
+    # features at 0, 10 and 50 degrees rank the others as their labels do: 0
+    assert float(ranksim(torch.tensor([unit(0), unit(10), unit(50)]), labels)) == pytest.approx(0.0)
+    # a repeated label counts once: its copies' features are the same here, so any draw gives 2/9
+    repeated = torch.cat([crossed, crossed[:1]])
+    assert float(ranksim(repeated, torch.tensor([0.0, 10.0, 50.0, 0.0]))) == pytest.approx(2 / 9)
+    single = torch.ones(4, 2, requires_grad=True)
+    loss = ranksim(single, torch.full((4,), 7.0))
+    loss.backward()
+    assert loss.item() == 0.0 and single.grad is not None  # one distinct label: nothing to rank, graph kept
+
+
+def test_ranksim_in_head_loss_adds_its_weighted_part_and_moves_the_features():
+    torch.manual_seed(0)
+    features = torch.randn(8, 16, requires_grad=True)
+    outputs = {"reg": features.sum(1), "features": features}
+    target = torch.tensor([0.0, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0])
+    plain, _ = head_loss(outputs, target, "reg")
+    total, parts = head_loss(outputs, target, "reg", ranksim_weight=3.0)
+    assert total.item() == pytest.approx(plain.item() + 3.0 * parts["ranksim"].item())
+    only_ranksim = total - plain
+    only_ranksim.backward()
+    assert float(features.grad.abs().sum()) > 0

@@ -23,12 +23,13 @@ def test_head_outputs_match_hand_computation(head, images):
         out = model(images)
         features = model.backbone(images).mean(dim=(2, 3))  # global average pooling by hand
     assert out["reg"].shape == (2,) and out["reg"].dtype == torch.float32
+    torch.testing.assert_close(out["features"], features, rtol=1e-4, atol=1e-5)  # the pooled features, for RankSim
     if head == "reg":
-        assert set(out) == {"reg"}
+        assert set(out) == {"reg", "features"}
         want = features @ model.head_reg.weight[0] + model.head_reg.bias[0]
         torch.testing.assert_close(out["reg"], want, rtol=1e-4, atol=1e-5)
         return
-    assert set(out) == {"reg", "expectation", "logits"}
+    assert set(out) == {"reg", "expectation", "logits", "features"}
     assert out["logits"].shape == (2, 101) and out["expectation"].shape == (2,)
     with torch.no_grad():
         logits = features @ model.head_logits.weight.T + model.head_logits.bias

@@ -29,6 +29,16 @@ def test_only_what_is_missing_is_installed_and_torch_never(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("torch 2.0.1: the project asks for torch>=2.2")
 
 
+def test_install_refuses_without_torchvision_rather_than_fetch_one(tmp_path, monkeypatch, capsys):
+    """timm needs torchvision: pip would fetch a build that may not match the platform's torch."""
+    versions = {"torch": "2.4.0"}
+    monkeypatch.setattr(requirements, "_installed_version", versions.get)
+    wanted = tmp_path / "requirements.txt"
+    wanted.write_text("surely-not-installed-package>=1.0\n")
+    assert requirements.main([str(wanted), "--install"]) == 1
+    assert "torchvision not installed here" in capsys.readouterr().err
+
+
 def _read_only_command(checkout, data, shell: str) -> list[str]:
     """The command that runs `shell` with `checkout` and `data` read-only: bind mounts in a private mount namespace
     where root (root ignores write bits), else a copy without write bits."""
@@ -57,8 +67,9 @@ def test_a_read_only_checkout_on_read_only_data_runs_with_every_output_in_the_wo
     (work / "profiles").mkdir(parents=True)
     (work / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(PROFILE))
     before = sorted(str(p.relative_to(checkout)) for p in checkout.rglob("*"))
-    shell = (f"cd {checkout} && PYTHON={sys.executable} ./run_all.sh --no-venv --workdir {work} --data {data} "
-             f"--profile {work / 'profiles' / 'tiny.yaml'} --name ro")
+    # called from the folder above, every path relative to it (run_all.sh itself runs in the checkout)
+    shell = (f"cd {tmp_path} && PYTHON={sys.executable} ./checkout/run_all.sh --no-venv --workdir work --data data "
+             f"--profile work/profiles/tiny.yaml --name ro")
     env = {k: v for k, v in os.environ.items() if k not in ("PERCOVID_WORKDIR", "PYTHONPATH")}
     result = subprocess.run(_read_only_command(checkout, data, shell), capture_output=True, text=True, timeout=900,
                             env={**env, "OMP_NUM_THREADS": "1"})

@@ -143,3 +143,15 @@ def test_the_notebooks_opened_in_jupyter_train_and_submit_by_themselves_in_order
     rows = (tmp_path / "submissions" / "interactive_demo.csv").read_text().splitlines()
     assert sorted(r.split(",")[0] for r in rows) == sorted(p.name for p in (phantom_set / "Val").rglob("*.png"))
     assert "scored against Val labels" in executed_text(tmp_path / "05_submit.ipynb")
+
+
+def test_relative_paths_on_the_command_line_are_the_callers(tmp_path, monkeypatch):
+    """run_all.sh runs in the checkout: a relative --data, --profile FILE or -p pretrained_file is taken from the
+    folder it was called from (PERCOVID_CALLER_DIR), not from the checkout."""
+    monkeypatch.setenv(pipeline.CALLER_DIR_ENV, str(tmp_path))
+    args = pipeline.parse_args(["--data", "data", "--profile", "p/mine.yaml", "-p", "pretrained_file", "w.pth",
+                                "-p", "epochs", "3"])
+    assert args.data == str(tmp_path / "data") and args.profile == str(tmp_path / "p" / "mine.yaml")
+    assert args.param == [["pretrained_file", str(tmp_path / "w.pth")], ["epochs", "3"]]
+    assert pipeline.parse_args(["--profile", "cpu", "--data", "/abs/data"]).profile == "cpu"  # a name stays one
+    assert pipeline.parse_args(["--data", "/abs/data"]).data == "/abs/data"

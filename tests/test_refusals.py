@@ -98,6 +98,11 @@ def test_a_fold_is_never_reused_on_changed_images_or_labels_under_the_same_names
     # the same data again: reused
     again = train.train_fold(cfg, 0, tiny_split(), tmp_path / "f", progress=False)
     assert set(again["split"]) == {"oof"}
+    # a record another version wrote (another digest format) is not compared as if it were this one's
+    record = tmp_path / "f" / train.INPUTS_FILE
+    files.write_text(record, json.dumps({**json.loads(record.read_text()), "format": 0}), record=True)
+    with pytest.raises(train.FoldMismatch, match=r"another version of this suite \(digest format 0, this version's 1"):
+        train.train_fold(cfg, 0, tiny_split(), tmp_path / "f", progress=False)
 
 
 def test_a_changed_val_image_is_predicted_again_not_reused(tmp_path, caplog):
@@ -113,6 +118,9 @@ def test_a_changed_val_image_is_predicted_again_not_reused(tmp_path, caplog):
     after = again[(again["split"] == "Val") & (again["name"] == name)]["prediction"].to_numpy()
     assert len(after) == 1 and after[0] != pytest.approx(before[0])
     assert "1 of them changed since they were predicted" in caplog.text
+    gone = train.train_fold(cfg, 0, tiny_split(), tmp_path / "f", {}, progress=False)  # the Val folder removed
+    assert set(gone["split"]) == {"oof"}
+    assert set(ensemble.read_predictions(tmp_path / "f" / "predictions.csv")["split"]) == {"oof"}
 
 
 def test_the_data_digest_costs_little_next_to_decoding(tmp_path):

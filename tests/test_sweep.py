@@ -39,12 +39,18 @@ def test_plan_jobs_refuses_a_model_name_in_two_profiles(tmp_path):
         sweep.plan_models([first, second], {}, folds=[0])
 
 
-def test_cv_table_pools_out_of_fold_predictions(tmp_path):
-    paths = RunPaths(tmp_path)
+def six_slice_run(folder, percentages):
+    """A run folder with 6 slices, 2 per subject and fold (3 folds), for tables checked by hand."""
+    paths = RunPaths(folder)
     truth = pd.DataFrame({"name": [f"s{i}" for i in range(6)], "subject": pd.array([0, 0, 1, 1, 2, 2], "Int64"),
-                          "percentage": [0.0, 10.0, 20.0, 30.0, 40.0, 50.0], "fold": [0, 0, 1, 1, 2, 2]})
+                          "percentage": percentages, "fold": [0, 0, 1, 1, 2, 2]})
     truth["severity"] = pd.Categorical(["Normal"] * 6)
     write_folds(truth, paths.folds_csv)
+    return paths, truth
+
+
+def test_cv_table_pools_out_of_fold_predictions(tmp_path):
+    paths, truth = six_slice_run(tmp_path, [0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
     errors = {0: [1.0, -3.0], 1: [2.0, 2.0], 2: [0.0, 4.0]}
     for fold, errs in errors.items():
         rows = truth[truth["fold"] == fold]
@@ -148,11 +154,7 @@ def test_a_packed_file_without_the_size_says_how_to_fix_it(tiny_data, tmp_path):
 
 
 def test_paired_table_differences_per_fold_by_hand(tmp_path):
-    paths = RunPaths(tmp_path)
-    truth = pd.DataFrame({"name": [f"s{i}" for i in range(6)], "subject": pd.array([0, 0, 1, 1, 2, 2], "Int64"),
-                          "percentage": [0.0, 80.0, 0.0, 90.0, 5.0, 85.0], "fold": [0, 0, 1, 1, 2, 2]})
-    truth["severity"] = pd.Categorical(["Normal"] * 6)
-    write_folds(truth, paths.folds_csv)
+    paths, truth = six_slice_run(tmp_path, [0.0, 80.0, 0.0, 90.0, 5.0, 85.0])
     errors = {"base": [1.0, -10.0], "better": [1.0, -4.0]}  # the same error on every fold: easy sums
     for model, (low, high) in errors.items():
         for fold in (0, 1, 2):

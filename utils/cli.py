@@ -72,5 +72,5 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print(f"error: {error}", file=sys.stderr)
         return code
     finally:
-        if in_main_thread:
+        if in_main_thread and previous is not None:  # None: a handler set outside Python, not restorable
             signal.signal(signal.SIGTERM, previous)

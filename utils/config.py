@@ -207,6 +207,8 @@ class TrainConfig(Settings):
     bmse_sigma: float = 8.0  # balanced_mse: the label noise sd, in percentage points
     lds: str = "none"  # none | inverse | sqrt_inverse: loss weights from the smoothed label density (utils.losses)
     lds_sigma: float = 2.0  # lds: the smoothing kernel's sd, in percentage points
+    ranksim_weight: float = 0.0  # RankSim: weight of the ranking-similarity regularizer (0: off; utils.losses)
+    ranksim_lambda: float = 2.0  # RankSim: the blackbox ranking gradient's interpolation strength
     randaug_n: int = 2  # RandAugment: ops per image
     randaug_m: int = 9  # RandAugment: magnitude 0..30
     tta_hflip: bool = False  # average predictions with the h-flipped image
@@ -255,6 +257,8 @@ class TrainConfig(Settings):
             (self.kl_weight >= 0, "kl_weight", f"{self.kl_weight}: must be >= 0"),
             (self.bmse_sigma > 0, "bmse_sigma", f"{self.bmse_sigma}: must be > 0"),
             (self.lds_sigma > 0, "lds_sigma", f"{self.lds_sigma}: must be > 0"),
+            (self.ranksim_weight >= 0, "ranksim_weight", f"{self.ranksim_weight}: must be >= 0 (0: off)"),
+            (self.ranksim_lambda > 0, "ranksim_lambda", f"{self.ranksim_lambda}: must be > 0"),
             (0 <= self.randaug_n <= 10, "randaug_n", f"{self.randaug_n}: RandAugment's N must be in 0..10"),
             (0 <= self.randaug_m <= 30, "randaug_m", f"{self.randaug_m}: RandAugment's M must be in 0..30"),
             (len(self.folds) >= 1, "folds", "[]: list at least one fold to train"),
@@ -284,7 +288,15 @@ class TrainConfig(Settings):
     @classmethod
     def load_yaml(cls, path: str | Path) -> TrainConfig:
         """A saved recipe; fields added since it was saved take their defaults (their old behaviour)."""
-        return cls(**load_yaml(path))
+        saved = load_yaml(path)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path} holds no recipe (a mapping of settings): the file is damaged; retrain or "
+                              "export again what wrote it")
+        unknown = sorted(set(saved) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"{path}: {_unknown_key('a saved recipe', unknown[0], cls.field_names())} (written by "
+                              f"another version of this suite: use that version, or retrain)", key=unknown[0])
+        return cls(**saved)
 
 
 def check_arch(arch: str) -> None:
@@ -302,7 +314,7 @@ class PathSettings(Settings):
     """Where a notebook reads and writes. run_all.sh passes absolute paths; None is the interactive default."""
 
     data_dir: str | None = None  # official layout (Train/, Val/[, Test/]); None: the phantom set, made on first use
-    run_dir: str | None = None  # everything the run writes; None: runs/interactive
+    run_dir: str | None = None  # everything the run writes; None: runs/interactive_<profile> (utils.runs)
     cache_dir: str | None = None  # decoded-image cache shared by runs; None: data/cache
 
     def resolved(self) -> PathSettings:
@@ -424,7 +436,7 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any], ch
     """Check a loaded profile and the -p overrides before anything runs (`check_archs`: also that every arch is a
     timm architecture, which imports timm); returns the validated settings:
     {"train": [TrainConfig per model], "pseudo": [TrainConfig per pseudo-label retrain], "folds": FoldSettings,
-    "ensemble": EnsembleSettings, "submit": SubmitSettings}."""
+    "ensemble": EnsembleSettings, "submit": SubmitSettings, "selfsup": SelfSupSettings, "explain": ExplainSettings}."""
     known = known_settings()
     valid = sorted(set(known) - set(RESERVED_SETTINGS))
     path = profile["path"]

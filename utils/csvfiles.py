@@ -120,7 +120,7 @@ def read_frame(path: str | os.PathLike, text_columns: Sequence[str] = ("name",))
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _text_rows(path: Path) -> list[tuple[int, list[str]]]:
+def text_rows(path: str | os.PathLike) -> list[tuple[int, list[str]]]:
     """(line, fields) of a UTF-8 CSV; a file that is not UTF-8 text is a CsvError saying what it looks like."""
     with open(path, "rb") as handle:
         head = handle.read(4)
@@ -148,7 +148,7 @@ def read_name_value_rows(path: str | os.PathLike, value_name: str = "value", exa
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass the path of the CSV file")
     # names as written (a file name may start or end with a space); the other fields without spaces around them
-    rows = [(line, [row[0], *(field.strip() for field in row[1:])]) for line, row in _text_rows(path)
+    rows = [(line, [row[0], *(field.strip() for field in row[1:])]) for line, row in text_rows(path)
             if any(field.strip() for field in row)]
     if not rows:
         raise CsvError(f"{path} is empty: expected rows like '{example}'")

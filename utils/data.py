@@ -402,7 +402,8 @@ def _digest_file(cache: Path) -> Path:
 
 
 def source_digests(paths: Sequence[str]) -> list[str]:
-    """One short SHA-256 per source file's bytes (~0.7 s for the 2805 real crops here, a tenth of decoding them)."""
+    """One short SHA-256 per source file's bytes (0.11 s for the 2805 real crops here, files in the page cache; decoding
+    them takes 3.1-3.6 s)."""
     digests = []
     for path in paths:
         with open(path, "rb") as handle:
@@ -496,7 +497,7 @@ def cached_images(
     files.remove_debris(directory)  # half caches of killed runs
     with files.atomic_path(target) as temporary:
         output = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
-        files.reserve_space(temporary)  # a full disk fails here, naming the file, not with SIGBUS while writing
+        files.reserve_space(temporary, target)  # a full disk fails here, naming the file, not with SIGBUS later
         decoded = _iterate_decoded(list(frame["path"]), size, channels, num_workers)
         if progress:
             from tqdm.auto import tqdm

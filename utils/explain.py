@@ -68,6 +68,8 @@ def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: s
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if frame.empty:
+        return []
     sizes = [data.load_gray(path).shape for path in frame["path"]]  # every map at its image's own size
     sums = [np.zeros(size, dtype=np.float64) for size in sizes]
     count = 0
@@ -83,7 +85,7 @@ def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: s
             normalizer = augment.Normalizer(cfg.in_chans)
             for paths in model.weights.values():
                 for path in paths:
-                    net.load_state_dict(files.load_torch(path, "export or rerun it again", map_location=torch_device))
+                    net.load_state_dict(files.load_torch(path, model.way_out, map_location=torch_device))
                     cam = GradCAM(model=_RegressionOutput(net), target_layers=[last_stage(net)])
                     for index in range(len(frame)):
                         batch = transform(np.asarray(images[index]))[None]
@@ -106,10 +108,13 @@ def _resized(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def output_stems(names: Sequence[str]) -> list[str]:
-    """`<name>` of each output file: the stem, or the full name where two images share a stem."""
+    """`<name>` of each output file, unique: the stem; the full name where two images share a stem; the full name
+    and the image's position in `names` where two share the full name (the same name in two folders)."""
     stems = [Path(name).stem for name in names]
-    shared = {s for s in stems if stems.count(s) > 1}
-    return [name if stem in shared else stem for name, stem in zip(names, stems)]
+    shared_stems = {s for s in stems if stems.count(s) > 1}
+    shared_names = {n for n in names if names.count(n) > 1}
+    return [f"{name}.{index}" if name in shared_names else name if stem in shared_stems else stem
+            for index, (name, stem) in enumerate(zip(names, stems))]
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, title: str):
@@ -126,17 +131,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, title: str):
 
 
 def read_scans(path: str | os.PathLike) -> pd.DataFrame:
-    """name, subject[, percentage] of a CSV mapping images to scans: a `name,subject` table, or a label file
-    (`name,percentage,subject`, the challenge's format: its labels then score each scan's mean)."""
-    table = csvfiles.read_frame(path, text_columns=("name", "subject"))
-    if list(table.columns) == ["name", "subject"]:
-        return table
-    rows = csvfiles.read_name_value_rows(path, value_name="subject", value_range=(-float("inf"), float("inf")),
-                                         allow_subject=True, range_hint="")
-    if rows.subjects is None:  # name,subject rows without a header
-        return pd.DataFrame({"name": rows.names, "subject": [str(int(v)) if float(v).is_integer() else str(v)
-                                                             for v in rows.values]})
-    return data.read_labels(path)[["name", "subject", "percentage"]]
+    """name, subject[, percentage] of a CSV mapping images to scans: `name,subject` rows (with that header or
+    none; a subject is an identifier, kept as written), or a label file (`name,percentage,subject`, the
+    challenge's format: its labels then score each scan's mean)."""
+    rows = csvfiles.text_rows(path)
+    if not rows:
+        raise csvfiles.CsvError(f"{path} is empty: expected name,subject rows (which scan each image belongs to)")
+    first = [field.strip().lower() for field in rows[0][1]]
+    if len(first) != 2:
+        return data.read_labels(path)[["name", "subject", "percentage"]]
+    body = rows[1:] if first == ["name", "subject"] else rows
+    for line, fields in body:
+        if len(fields) != 2 or not fields[0] or not fields[1].strip():
+            raise csvfiles.CsvError(f"{path}, line {line}: {','.join(fields)!r} is not a name,subject row "
+                                    f"(e.g. Image_0001.png,scan_12)")
+    return pd.DataFrame({"name": [f[0] for _, f in body], "subject": [f[1].strip() for _, f in body]})
 
 
 def explain_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -183,10 +192,11 @@ def per_scan(frame: pd.DataFrame) -> pd.DataFrame:
 
 def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLike, out: str | os.PathLike,
               level: float = 0.9, per_class: int = 2) -> dict[str, pd.DataFrame]:
-    """For a cross-validation run (utils.sweep, every fold trained): the intervals' coverage on held-out folds
-    (each fold calibrated on the others; Mondrian against one interval for all), the per-scan table, and a grid of
-    held-out slices (`per_class` per severity class) with their own fold's heatmaps. Writes intervals_cv.csv,
-    per_scan_cv.csv and the figures interval_coverage.png, per_scan.png, saliency_grid.png to `out`."""
+    """For a cross-validation run (utils.sweep, two folds or more trained): the intervals' coverage on held-out
+    folds (each fold calibrated on the others; Mondrian against one interval for all) of the model's clipped
+    out-of-fold predictions (what 03 calibrates on), the per-scan table, and a grid of held-out slices (`per_class`
+    per severity class) with their own fold's heatmaps. Writes intervals_cv.csv, per_scan_cv.csv and the figures
+    interval_coverage.png, per_scan.png, saliency_grid.png to `out`, once all are made."""
     import matplotlib.pyplot as plt
 
     from utils import report
@@ -195,36 +205,42 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
 
     paths = RunPaths(run_dir)
     folds = read_folds(paths.folds_csv)
+    known = sorted({name for name, _, _ in paths.fold_files("predictions.csv")})
+    if model not in known:
+        raise ExplainError(f"--model {model}: {run_dir} has no trained fold of it; its models: {', '.join(known)}")
     per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, [model]))
-    oof = per_model[per_model["split"] == ensemble.OOF].merge(folds, on="name")
+    oof = ensemble.combine_models(per_model[per_model["split"] == ensemble.OOF], [model], rounding=False)
+    oof = oof.merge(folds, on="name")
     tables, low, high = intervals.out_of_fold_coverage(oof, level)
     if not tables:
-        raise intervals.IntervalError(f"{run_dir}: the cv report needs every fold trained (a utils.sweep run); "
-                                      f"its out-of-fold slices come from one fold")
+        raise intervals.IntervalError(f"{run_dir}: the cv report needs two trained folds or more (a utils.sweep "
+                                      f"run); the out-of-fold slices of {model} come from one")
     oof = oof.assign(low=low, high=high)
-    out = Path(out)
     coverage = pd.concat(tables, names=["method"]).reset_index(level=0)
-    csvfiles.write_frame(out / "intervals_cv.csv", coverage)
     scans = per_scan(oof)
-    csvfiles.write_frame(out / "per_scan_cv.csv", scans)
-    figures = {"interval_coverage": report.coverage_by_class(tables, level), "per_scan": report.per_scan(scans)}
     slices = data.load_split(data_dir, "Train", require_labels=True)[["name", "path"]]
     picked = pd.concat([group.sample(min(per_class, len(group)), random_state=0)
                         for _, group in oof.merge(slices, on="name").groupby("severity", observed=True)])
     maps = []
     for fold, group in picked.groupby("fold", sort=False):
-        cfg = TrainConfig.load_yaml(paths.fold(model, fold) / "config.yaml")
-        weights = {fold: [train.checkpoint_path(paths.fold(model, fold), e) for e in train.kept_epochs(cfg)]}
-        for (_, row), heatmap in zip(group.iterrows(), heatmaps([predict.EnsembleModel(cfg, weights)],
-                                                                 group[["name", "path"]], progress=False)):
+        fold_dir = paths.fold(model, fold)
+        cfg = TrainConfig.load_yaml(fold_dir / "config.yaml")
+        weights = {fold: [train.checkpoint_path(fold_dir, e) for e in train.kept_epochs(cfg)]}
+        ensemble_model = predict.EnsembleModel(cfg, weights, train.fold_way_out(fold_dir))
+        for (_, row), heatmap in zip(group.iterrows(), heatmaps([ensemble_model], group[["name", "path"]],
+                                                                 progress=False)):
             maps.append((row["name"], heatmap))
     by_name = dict(maps)
     order = [n for c in SEVERITY_CLASSES for n in picked.loc[picked["severity"] == c, "name"]]
     rows = picked.set_index("name").loc[order]
-    titles = [f"{n}: {r['percentage']:.0f} %, pred. {np.clip(r['prediction'], 0, 100):.0f} "
-              f"[{r['low']:.0f}, {r['high']:.0f}]" for n, r in rows.iterrows()]
-    figures["saliency_grid"] = report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
-                                                   [by_name[n] for n in order], titles)
+    titles = [f"{n}: {r['percentage']:.0f} %, pred. {r['prediction']:.0f} [{r['low']:.0f}, {r['high']:.0f}]"
+              for n, r in rows.iterrows()]
+    figures = {"interval_coverage": report.coverage_by_class(tables, level), "per_scan": report.per_scan(scans),
+               "saliency_grid": report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
+                                                    [by_name[n] for n in order], titles)}
+    out = Path(out)
+    csvfiles.write_frame(out / "intervals_cv.csv", coverage)
+    csvfiles.write_frame(out / "per_scan_cv.csv", scans)
     for name, fig in figures.items():
         report.save(fig, out, name, dpi=70 if name == "saliency_grid" else 110)  # the grid: a photo, kept small
         plt.close(fig)

@@ -97,8 +97,9 @@ def _disk_full_detail(error: BaseException) -> str | None:
     return None
 
 
-def reserve_space(path: str | os.PathLike) -> None:
-    """Allocate a (sparse) file's whole size now: ENOSPC here, not SIGBUS later in a memory-mapped write."""
+def reserve_space(path: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
+    """Allocate a (sparse) file's whole size now: ENOSPC here, not SIGBUS later in a memory-mapped write. The
+    error names `target`, the file being written (`path` may be its temporary name)."""
     path = Path(path)
     if not hasattr(os, "posix_fallocate"):
         return
@@ -107,7 +108,7 @@ def reserve_space(path: str | os.PathLike) -> None:
             os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(path, os.strerror(error.errno)) from None
+                raise DiskFullError(Path(target or path), os.strerror(error.errno)) from None
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: go on
                 raise
 

@@ -116,8 +116,10 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         path = Path(path)
         if not path.is_file():
-            raise IntervalError(f"{path} is missing: intervals need the run's out-of-fold calibration, which "
-                                "03_ensemble writes (a run on data without folds has none)")
+            raise IntervalError(f"{path} is missing: intervals need the ensemble's out-of-fold calibration, which "
+                                "03_ensemble (ensemble_calibration.csv) or 04_pseudo_label (final_calibration.csv) "
+                                "writes next to its model list: rerun that notebook (./run_all.sh --name <run> "
+                                "resumes the run)")
         frame = csvfiles.read_frame(path, text_columns=("method",))
         method = str(frame["method"].iloc[0]) if "method" in frame.columns else "mondrian"
         return cls(frame["prediction"].to_numpy(), frame["percentage"].to_numpy(), method)

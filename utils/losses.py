@@ -23,6 +23,17 @@ loop (no maintained package implements them):
   Carlo form (BMC): eq 2's SmoothL1 on f2 becomes -log softmax_j(-(f2_i - y_j)^2 / (2 sigma^2)) at j = i over the
   batch's labels y_j, times 2 sigma^2 (so its gradient has MSE's scale) -> ``balanced_mse``. It undoes the training
   labels' prior in the prediction: what a shift of the severity mix between Train and Val/Test calls for.
+
+And one on the representation:
+
+* **RankSim** (Gong et al., "RankSim: Ranking Similarity Regularization for Deep Imbalanced Regression", ICML 2022):
+  over the batch's slices with distinct labels (one drawn at random per label: ties carry no order, and a rare label
+  counts as much as a frequent one), each slice ranks the others twice, by the cosine similarity of their pooled
+  features and by the closeness of their labels; the regularizer is the squared difference of the two rankings
+  (ranks scaled to (0, 1]), averaged over the others and summed over the slices, times ``ranksim_weight``. Ranks
+  have no gradient; blackbox differentiation (Vlastelica et al., ICLR 2020) gives one: the ranks of the
+  similarities moved by ``ranksim_lambda`` times the incoming gradient, minus the ranks, over ``ranksim_lambda``
+  -> ``ranksim``.
 """
 from __future__ import annotations
 
@@ -99,6 +110,46 @@ def balanced_mse(pred: torch.Tensor, target: torch.Tensor, sigma: float,
     return _mean(per_sample, weights) * (2 * sigma ** 2)
 
 
+def descending_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's ranks, largest value first, scaled to (0, 1]: (position + 1) / row length."""
+    positions = rows.argsort(dim=1, descending=True).argsort(dim=1)
+    return (positions + 1).float() / rows.shape[1]
+
+
+class _BlackboxRanks(torch.autograd.Function):
+    """`descending_ranks` with the blackbox-differentiation gradient (module docstring, RankSim)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, interpolation: float) -> torch.Tensor:
+        ranks = descending_ranks(rows)
+        ctx.interpolation = interpolation
+        ctx.save_for_backward(rows, ranks)
+        return ranks
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rows, ranks = ctx.saved_tensors
+        moved = descending_ranks(rows + ctx.interpolation * grad)
+        return (moved - ranks) / ctx.interpolation, None
+
+
+def ranksim(features: torch.Tensor, target: torch.Tensor, interpolation: float = 2.0) -> torch.Tensor:
+    """RankSim's regularizer (module docstring) of a batch's pooled features (B, C) and labels (B,); 0 when the
+    batch holds fewer than two distinct labels."""
+    target = target.float().flatten()
+    labels, label_of = torch.unique(target, return_inverse=True)
+    if len(labels) < 2:
+        return features.sum() * 0.0  # keeps the graph: SAM's passes call backward on every loss
+    order = torch.randperm(len(target), device=target.device)
+    first = torch.full((len(labels),), len(target), device=target.device, dtype=torch.long)
+    first = first.scatter_reduce(0, label_of[order], torch.arange(len(target), device=target.device), "amin")
+    picked = order[first]  # one slice per distinct label, drawn at random
+    unit = F.normalize(features[picked].float(), dim=1)
+    feature_ranks = _BlackboxRanks.apply(unit @ unit.T, interpolation)
+    label_ranks = descending_ranks(-(target[picked, None] - target[None, picked]).abs())
+    return ((feature_ranks - label_ranks) ** 2).mean(dim=1).sum()
+
+
 def lds_weights(labels: np.ndarray, mode: str, sigma: float, num_bins: int = NUM_BINS) -> torch.Tensor:
     """LDS loss weights per integer bin (module docstring): shape (num_bins,), mean 1 over `labels`.
 
@@ -131,8 +182,8 @@ def sample_weights(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
               kl_weight: float = 1.0, check: bool = True, weights: torch.Tensor | None = None,
-              regression_loss: str = "smooth_l1", bmse_sigma: float = 8.0
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              regression_loss: str = "smooth_l1", bmse_sigma: float = 8.0, ranksim_weight: float = 0.0,
+              ranksim_lambda: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one head: (total loss tensor, parts as detached 0-dim tensors).
 
     reg: eq 2.  exp: eq 1 + eq 2.  ldl: eq 1 + eq 2 + kl_weight * KL(t || p), t from eq 3.
@@ -141,7 +192,8 @@ def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
     device (``float(part)`` to log) so the training step never waits for the GPU; ``check=False`` skips the
     NaN/range check of the targets, for callers that checked them on the host already (it syncs on a GPU).
     `weights`: per-sample weights (LDS, ``sample_weights``) of every term; ``regression_loss="balanced_mse"``: eq 2's
-    term is ``balanced_mse`` (part ``bmse_reg`` instead of ``l1_reg``).
+    term is ``balanced_mse`` (part ``bmse_reg`` instead of ``l1_reg``). ``ranksim_weight > 0`` adds that times
+    ``ranksim`` of ``outputs["features"]`` (part ``ranksim``, unweighted).
     """
     check_choice("head", head, HEADS)
     check_choice("regression_loss", regression_loss, REGRESSION_LOSSES)
@@ -160,5 +212,8 @@ def head_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, head: str,
         logits = outputs["logits"]
         parts["kl"] = kl_to_target(logits, target_distribution(target, num_bins=logits.shape[1]), weights)  # eq 3
         total = total + kl_weight * parts["kl"]
+    if ranksim_weight > 0:
+        parts["ranksim"] = ranksim(outputs["features"], target, ranksim_lambda)
+        total = total + ranksim_weight * parts["ranksim"]
     parts["loss"] = total
     return total, {name: value.detach() for name, value in parts.items()}

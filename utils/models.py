@@ -9,8 +9,9 @@ dropout and one of three heads:
   the regression output used at inference.
 * ``ldl``: the same module as ``exp``; only the loss differs (eq 1 + eq 2 + KL to the label distribution, eq 3).
 
-``forward`` always returns a dict of named outputs: ``"reg"`` (B,) is what inference uses; ``exp``/``ldl`` heads
-add ``"expectation"`` (B,) and ``"logits"`` (B, num_bins). The head runs in float32 even under autocast.
+``forward`` always returns a dict of named outputs: ``"reg"`` (B,) is what inference uses, ``"features"``
+(B, num_features) the pooled features before dropout (RankSim's, ``utils.losses``); ``exp``/``ldl`` heads add
+``"expectation"`` (B,) and ``"logits"`` (B, num_bins). The head runs in float32 even under autocast.
 
 Pooling choices (``POOLINGS``):
 
@@ -97,15 +98,17 @@ class PercentageRegressor(nn.Module):
         return pooled.flatten(1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.dropout(self.features(x))
+        pooled = self.features(x)
+        features = self.dropout(pooled)
         # The head is tiny; run it in float32 so the softmax/expectation are exact under bf16/fp16 autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.head_type == "reg":
-                return {"reg": self.head_reg(features).squeeze(1)}
+                return {"reg": self.head_reg(features).squeeze(1), "features": pooled}
             logits = self.head_logits(features)
             probs = logits.softmax(dim=1)
             expectation = probs @ self.bins  # E = sum_i i * p_i (eq 1's prediction)
-            return {"reg": self.head_reg(probs).squeeze(1), "expectation": expectation, "logits": logits}
+            return {"reg": self.head_reg(probs).squeeze(1), "expectation": expectation, "logits": logits,
+                    "features": pooled}
 
 
 def _create_backbone(arch: str, pretrained: bool, pretrained_file: str | os.PathLike | None,

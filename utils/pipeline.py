@@ -109,10 +109,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
-        parser.error(f"--name {args.name!r}: use a plain folder name (letters, digits, - and _)")
+        parser.error(f"--name {args.name!r}: use a plain folder name (no '/', not starting with '.')")
     if (args.jobs is not None and args.jobs < 1) or args.jobs_per_gpu < 1:
         parser.error("--jobs and --jobs-per-gpu need at least 1")
+    if args.data is not None:
+        args.data = from_caller(args.data)
+    if Path(args.profile).suffix:  # a YAML path, not a profile name
+        args.profile = from_caller(args.profile)
+    args.param = [[key, from_caller(value) if key in FILE_SETTINGS and value not in ("", "null", "~") else value]
+                  for key, value in args.param]
     return args
+
+
+# run_all.sh runs in the checkout; the folder it was called from, where relative paths on its command line start
+CALLER_DIR_ENV = "PERCOVID_CALLER_DIR"
+FILE_SETTINGS = ("pretrained_file", "scans_csv")  # -p values that name a file
+
+
+def from_caller(path: str) -> str:
+    """A relative path of the command line, made absolute from the caller's folder (else the current one)."""
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd()) / expanded)
 
 
 def parse_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
@@ -159,12 +176,24 @@ def plan(run: runs.Run, submission_csv: Path, stages: Sequence[str]) -> list[Ste
             steps += ([Step(stage, pretrain=pretrain)] if pretrain else []) + trained(stage, run.train)
         elif stage == "04_pseudo_label":
             steps.append(Step(stage, stage, stage, {**base, "role": "report"}))
-            if run.pseudo:
+            if run.pseudo and not _has_slices_to_label(run.paths.data_dir):
+                log.info("no Val/Test split in %s to pseudo-label: the retrains (%s) are skipped",
+                         run.paths.data_dir, ", ".join(c.model_name for c in run.pseudo))
+            elif run.pseudo:
                 steps += trained(stage, run.pseudo)
                 steps.append(Step(stage, stage, f"{stage}__after_retraining", {**base, "role": "report"}))
         else:
             steps.append(Step(stage, stage, stage, base))
     return steps
+
+
+def _has_slices_to_label(data_dir: str | None) -> bool:
+    """Whether the data has a Val or Test split (a folder not there yet: the phantom set, which has both)."""
+    from utils import data  # torch and PIL: only for a run that plans pseudo-label retrains
+
+    if data_dir is None or not Path(data_dir).is_dir():
+        return True
+    return any(data.find_split_dir(data_dir, split) is not None for split in ("Val", "Test"))
 
 
 def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
@@ -188,7 +217,7 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
 
 
 def _start_run_folder(run_dir: Path, force: bool, submission_csv: Path) -> None:
-    """With the lock held: --force empties the run folder (all but the lock); debris of killed runs goes."""
+    """With the lock held: --force empties the run folder (all but the lock) and removes the run's submission."""
     if force:
         log.info("--force: removing the contents of %s", run_dir)
         for child in run_dir.iterdir():

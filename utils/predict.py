@@ -61,6 +61,7 @@ class EnsembleModel:
 
     config: TrainConfig
     weights: dict[int, list[Path]]
+    way_out: str = "retrain the run that made these weights"  # what a damaged weight file's error says to do
 
     @property
     def name(self) -> str:
@@ -86,8 +87,9 @@ def load_calibration(run_or_export: str | os.PathLike) -> intervals.Calibration:
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
         if not manifest.get("calibration"):
-            raise intervals.IntervalError(f"{path} holds no interval calibration: export the run again with this "
-                                          "version (python -m utils.predict export RUN)")
+            raise intervals.IntervalError(f"{path} holds no interval calibration (its run's ensemble had none to "
+                                          f"give): export the run again once 03_ensemble has written it "
+                                          f"(python -m utils.predict export {manifest.get('run', 'RUN')})")
         way_out = "copy the export again, or export the run again"
         return intervals.Calibration.load(files.check_entry(path / manifest["calibration"],
                                                             manifest["files"][manifest["calibration"]], way_out))
@@ -113,7 +115,8 @@ def _from_run(run_dir: Path) -> list[EnsembleModel]:
                 weights[fold] = [train.checkpoint_path(fold_dir, epoch) for epoch in train.kept_epochs(config)]
         if config is None:
             raise PredictError(f"model {name} of the ensemble of {run_dir} has no finished fold: rerun the pipeline")
-        models.append(EnsembleModel(config, weights))
+        models.append(EnsembleModel(config, weights, f"rerun its fold (delete its folder under {paths.models}) or "
+                                                     f"the run with --force"))
     return models
 
 
@@ -160,7 +163,8 @@ def _from_export(export_dir: Path) -> list[EnsembleModel]:
     for relative, entry in manifest["files"].items():
         files.check_entry(export_dir / relative, entry, way_out)
     return [EnsembleModel(TrainConfig.load_yaml(export_dir / model["config"]),
-                          {int(fold): [export_dir / f for f in names] for fold, names in model["folds"].items()})
+                          {int(fold): [export_dir / f for f in names] for fold, names in model["folds"].items()},
+                          way_out)
             for model in manifest["models"]]
 
 
@@ -216,7 +220,7 @@ def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, dev
             net = train.build_model_for(cfg, torch_device, for_checkpoint=True)
             for fold in sorted(model.weights):
                 for epoch, path in enumerate(model.weights[fold]):
-                    net.load_state_dict(files.load_torch(path, "export or rerun it again", map_location=torch_device))
+                    net.load_state_dict(files.load_torch(path, model.way_out, map_location=torch_device))
                     values = train.check_finite(
                         train.predict(net, decoded[key], cfg, torch_device, batch_size=batch_size, progress=progress),
                         f"{path}", "these weights are broken (a diverged training): retrain with a lower lr")
@@ -301,9 +305,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     calibration = RunPaths(run_dir).ensemble / ensemble.calibration_name(_final_stem(run_dir))
     with files.atomic_path(out) as temporary:
         temporary.mkdir(parents=True)
-        if calibration.is_file():  # a run on data without folds to calibrate on has none: no --interval then
+        if calibration.is_file():
             shutil.copy2(calibration, temporary / intervals.CALIBRATION_FILE)
             manifest["calibration"] = intervals.CALIBRATION_FILE
+        else:  # an ensemble without out-of-fold labels to calibrate on: the export predicts, without --interval
+            log.warning("%s is missing: the export of %s carries no interval calibration (--interval will be "
+                        "refused with it)", calibration, run_dir)
         for model in models:
             folder = Path("models") / model.name
             model.config.save_yaml(temporary / folder / "config.yaml")

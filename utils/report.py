@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from utils import data
+from utils import data, files
 from utils.folds import SEVERITY_CLASSES, severity_class
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -19,10 +19,14 @@ sns.set_theme(style="whitegrid", context="notebook")
 
 def save(fig: plt.Figure, figures_dir: str | Path, name: str, dpi: int = 110) -> Path:
     """Save a figure as PNG (the notebook also displays it)."""
-    path = Path(figures_dir) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_png(fig, Path(figures_dir) / f"{name}.png", dpi)
+
+
+def save_png(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
+    """A figure written as PNG to `path`, atomically (a killed write leaves the old file or none)."""
+    with files.atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def with_severity(frame: pd.DataFrame) -> pd.DataFrame:

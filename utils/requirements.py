@@ -7,8 +7,8 @@ A requirement is met when an installed distribution of that name has a version i
 torchvision are never installed, upgraded or downgraded here, whatever their version: they come with the platform's
 CUDA build, and replacing them breaks it. So the missing packages are installed with the installed torch and
 torchvision pinned (a pip constraints file): a package that would need another torch fails to install rather than
-replace it. Without torch there is nothing to pin: that is an error naming the fix. Nothing is written into the
-checkout.
+replace it. Without torch or torchvision there is nothing to pin: that is an error naming the fix. Nothing is
+written into the checkout.
 """
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.install:
         return 0
     pins = {name: _installed_version(name) for name in NEVER_INSTALLED}
-    if pins["torch"] is None:
-        print("error: torch is not installed here: install the platform's torch (and torchvision) build first "
-              "(https://pytorch.org/get-started/locally/), or use ./run_all.sh without --no-venv", file=sys.stderr)
+    missing = [name for name, version in pins.items() if version is None]
+    if missing:  # timm needs torchvision: pip would fetch a build that may not match the platform's torch
+        print(f"error: {' and '.join(missing)} not installed here: install the platform's torch and torchvision "
+              "builds first (https://pytorch.org/get-started/locally/), or use ./run_all.sh without --no-venv",
+              file=sys.stderr)
         return 1
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="percovid_constraints_") as constraints:
         constraints.write("".join(f"{name}=={version}\n" for name, version in pins.items() if version))

@@ -38,6 +38,10 @@ from utils.config import RunPaths, TrainConfig, check_run_settings, default_cach
 
 log = logging.getLogger("utils.sweep")  # not __name__: "__main__" under python -m
 
+class SweepError(ValueError):
+    """A report asked of a run that cannot give it (its message says what to do)."""
+
+
 SUMMARY_COLUMNS = ["model", "fold", "MAE", "PC", "RMSE", "MAE_balanced", "n", "train_images_per_s", "seconds"]
 # What `report` prints of utils.ensemble.oof_table (all of it is in the returned table): the challenge's metrics
 # first, then the class-balanced MAE, the fold spread, and each severity class's MAE and bias.
@@ -160,7 +164,7 @@ def paired_table(run_dir: str | Path, base: str) -> pd.DataFrame:
     per_model = average_checkpoints_and_folds(load_predictions(run_dir))
     oof = per_model[per_model["split"] == "oof"].merge(truth[["name", "fold"]], on="name")
     if base not in set(oof["model"]):
-        raise ValueError(f"--base {base!r}: no out-of-fold predictions in {run_dir} (models: "
+        raise SweepError(f"--base {base!r}: no out-of-fold predictions in {run_dir} (models: "
                          f"{sorted(set(oof['model']))})")
     per_fold = {(model, fold): oof_table(group, truth).iloc[0] for (model, fold), group in oof.groupby(["model",
                                                                                                        "fold"])}
@@ -175,7 +179,7 @@ def paired_table(run_dir: str | Path, base: str) -> pd.DataFrame:
             deltas = [per_fold[(model, f)][metric] - per_fold[(base, f)][metric] for f in folds]
             for fold, delta in zip(folds, deltas):
                 row[f"{short}_fold{fold}"] = delta
-            row[f"{short}_mean"] = float(np.mean(deltas))
+            row[f"{short}_mean"] = float(np.mean(deltas)) if deltas else float("nan")  # no fold shared
             row[f"{short}_helped"] = int(sum(d < 0 for d in deltas))
         for column in pooled.columns:
             if column.startswith("bias_") or (column.startswith("MAE_") and column != "MAE_balanced"):
@@ -256,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from utils import report as figures
 
             per_fold = csvfiles.read_frame(Path(args.run_dir) / "cv_summary.csv", ("model",))
-            figures.cross_validation(table, per_fold).savefig(args.plot, dpi=100, bbox_inches="tight")
+            figures.save_png(figures.cross_validation(table, per_fold), args.plot, dpi=100)
             print(f"wrote {args.plot}")
     return 0
 
@@ -264,4 +268,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from utils import cli, data
 
-    raise SystemExit(cli.run(main, errors=(jobs.JobFailed, data.DataError), code=1))
+    raise SystemExit(cli.run(main, errors=(jobs.JobFailed, data.DataError, SweepError), code=1))

@@ -189,7 +189,9 @@ class StepRunner:
             loss, loss_parts = losses.head_loss(outputs, targets, self.cfg.head, kl_weight=self.cfg.kl_weight,
                                                 check=False, weights=weights,
                                                 regression_loss=self.cfg.regression_loss,
-                                                bmse_sigma=self.cfg.bmse_sigma)
+                                                bmse_sigma=self.cfg.bmse_sigma,
+                                                ranksim_weight=self.cfg.ranksim_weight,
+                                                ranksim_lambda=self.cfg.ranksim_lambda)
             if not parts:
                 parts.update(loss_parts)
             return loss
@@ -257,6 +259,8 @@ class FoldNotTrained(RuntimeError):
 # A held-out MAE above this is no training (percentages lie in 0..100): predictions of 1e19 count as divergence.
 DIVERGED_MAE = 1000.0
 INPUTS_FILE = "inputs.json"
+# How inputs_digest reads the data; a record of another format cannot be compared (a record without one is 1)
+INPUTS_FORMAT = 1
 
 
 def checkpoint_path(fold_dir: Path, epoch: int) -> Path:
@@ -267,13 +271,13 @@ def kept_epochs(cfg: TrainConfig) -> range:
     return range(cfg.epochs - cfg.save_last_k, cfg.epochs)
 
 
-def _way_out(fold_dir: Path) -> str:
+def fold_way_out(fold_dir: Path) -> str:
     return f"rerun that fold (delete {fold_dir}) or the whole run with --force"
 
 
 def load_checkpoint(fold_dir: Path, epoch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """A kept checkpoint's state dict, verified against its integrity record."""
-    return files.load_torch(checkpoint_path(fold_dir, epoch), _way_out(fold_dir), map_location=device)
+    return files.load_torch(checkpoint_path(fold_dir, epoch), fold_way_out(fold_dir), map_location=device)
 
 
 # Fields that change how a run executes but not what it learns: a fold may be resumed with other values.
@@ -322,14 +326,14 @@ def inputs_digest(parts: dict[str, SplitImages | None]) -> dict[str, Any]:
         for name, label, image in rows:
             digest.update(f"{role}\t{name}\t{float(label)!r}\t{image}\n".encode("utf-8", "surrogateescape"))
         counts[role] = len(rows)
-    return {"digest": digest.hexdigest(), "slices": counts}
+    return {"digest": digest.hexdigest(), "slices": counts, "format": INPUTS_FORMAT}
 
 
 def _saved_inputs(fold_dir: Path) -> dict[str, Any] | None:
     path = fold_dir / INPUTS_FILE
     if not path.is_file():
         return None
-    files.verify(path, _way_out(fold_dir))
+    files.verify(path, fold_way_out(fold_dir))
     return json.loads(path.read_text())
 
 
@@ -342,6 +346,10 @@ def check_same_inputs(inputs: dict[str, Any], fold_dir: Path) -> None:
     if saved is None:
         raise _refused(fold_dir, "data it holds no record of (no inputs.json: trained by an older version), so "
                                  "whether the data changed cannot be told")
+    if saved.get("format", 1) != inputs["format"]:
+        raise _refused(fold_dir, f"data recorded by another version of this suite (digest format "
+                                 f"{saved.get('format', 1)}, this version's {inputs['format']}), so whether the data "
+                                 "changed cannot be told")
     if saved["digest"] != inputs["digest"]:
         counts = ", ".join(f"{n} {role}" for role, n in inputs["slices"].items())
         before = ", ".join(f"{n} {role}" for role, n in saved["slices"].items())
@@ -511,11 +519,14 @@ def _reuse_fold(cfg: TrainConfig, fold: int, fold_dir: Path, predict_splits: dic
     slices no longer in their split are dropped."""
     predictions_csv = fold_dir / "predictions.csv"
     files.forget(fold_dir / "state.pt")  # left over when a kill fell inside the finishing forget
-    files.verify_folder(fold_dir, _way_out(fold_dir))
+    files.verify_folder(fold_dir, fold_way_out(fold_dir))
     predictions = ensemble.read_predictions(predictions_csv)
     recorded = (_saved_inputs(fold_dir) or {}).get("predicted", {})
     current = _predicted_digests(predict_splits)
     new, changed, rows_before = {}, 0, len(predictions)
+    # a whole split gone from the data (its folder removed) takes its predictions with it
+    predictions = predictions[predictions["split"].isin([OOF, *predict_splits])]
+    recorded = {split: done for split, done in recorded.items() if split in predict_splits}
     for split, split_images in predict_splits.items():
         done = recorded.get(split, {})
         stale = np.array([done.get(name) != digest for name, digest in current[split].items()], dtype=bool)
@@ -656,9 +667,9 @@ def load_training_data(cfg: TrainConfig, data_dir: str | Path, cache_dir: str | 
     folds = csvfiles.read_frame(folds_csv)
     merged = train_frame.merge(folds[["name", "fold"]], on="name", how="left")
     if merged["fold"].isna().any() or len(folds) != len(train_frame):
-        raise ValueError(f"{folds_csv} does not match the Train split of {data_dir} "
-                         f"({len(folds)} rows in folds, {len(train_frame)} labelled slices): "
-                         "rerun notebooks/01_folds.ipynb")
+        raise data.DataError(f"{folds_csv} does not match the Train split of {data_dir} "
+                             f"({len(folds)} rows in folds, {len(train_frame)} labelled slices): "
+                             "rerun notebooks/01_folds.ipynb")
     merged["fold"] = merged["fold"].astype(int)
     train_split = decoded(merged, "Train")
     predict_splits = {}
@@ -673,11 +684,14 @@ def load_training_data(cfg: TrainConfig, data_dir: str | Path, cache_dir: str | 
 def _pseudo_labelled(pseudo_labels_csv: str | Path | None, predict_splits: dict[str, SplitImages]) -> SplitImages:
     """The Val/Test slices with their pseudo-labels (04_pseudo_label's file), backed by the same image rows."""
     if pseudo_labels_csv is None or not Path(pseudo_labels_csv).is_file():
-        raise FileNotFoundError(f"use_pseudo_labels=True but {pseudo_labels_csv} is missing: "
-                                "run notebooks/04_pseudo_label.ipynb (it writes the pseudo-labels first)")
+        raise data.DataNotFoundError(f"use_pseudo_labels=True but {pseudo_labels_csv} is missing: "
+                                     "run notebooks/04_pseudo_label.ipynb (it writes the pseudo-labels first)")
     labels = csvfiles.read_frame(pseudo_labels_csv, text_columns=("name", "split"))
     parts = []
     for split, group in labels.groupby("split"):
+        if split not in predict_splits:
+            raise data.DataError(f"{pseudo_labels_csv} labels {split} slices but the data has no {split} split "
+                                 f"now: rerun notebooks/04_pseudo_label.ipynb (./run_all.sh resumes the run)")
         source = predict_splits[split]
         index = source.frame.reset_index(drop=True).reset_index().merge(group[["name", "percentage"]], on="name",
                                                                          suffixes=("_none", ""))
