@@ -392,6 +392,30 @@ def test_sigterm_to_predict_exits_143_in_one_line_and_leaves_no_temporary_files(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_signal_while_a_notebook_starts_stops_the_pipeline(tmp_path, phantom_set, sig, code, said):
+    """papermill's notebook client takes SIGINT/SIGTERM over while a notebook runs (to shut its kernel down) and
+    carried on after it: the signal must still stop the run, with its exit status and its one line last."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"params": {**{k: v for k, v in TINY.items() if k != "model_name"},
+                                                  "n_folds": 3}, "models": [{"model_name": "m"}]}))
+    command = [sys.executable, "-m", "utils.pipeline", "--workdir", str(tmp_path), "--data", str(phantom_set),
+               "--profile", str(profile), "--kernel", "python3"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    started = tmp_path / "runs" / "p" / "notebooks" / "01_folds.ipynb"  # papermill writes it as the kernel starts
+    deadline = time.time() + 300
+    while time.time() < deadline and not started.is_file() and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(said)  # the kernel may add its own shutdown noise before it
+    assert not (tmp_path / "submissions" / "p.csv").exists()
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_the_pipeline_in_one_line_with_130_and_the_rerun_resumes(tmp_path, phantom_set):
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({"params": {**{k: v for k, v in TINY.items() if k != "model_name"},

@@ -28,12 +28,14 @@ runs/, submissions/, data/phantoms, data/cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,13 +234,52 @@ def _run_notebook(step: Step, run_dir: Path, declared: set[str], kernel: str) ->
 
     output = run_dir / "notebooks" / f"{step.output}.ipynb"
     chosen = {k: v for k, v in step.parameters.items() if k in declared}
+    with _signals_kept() as received:
+        try:
+            papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"), str(output),
+                                       parameters=chosen, kernel_name=kernel, cwd=str(NOTEBOOKS_DIR),
+                                       progress_bar=sys.stderr.isatty(), log_output=True,
+                                       extra_arguments=KERNEL_ARGUMENTS)
+        except Exception as error:
+            if received:  # the kernel shut down under a Ctrl-C or SIGTERM: that is the news, not the cell's error
+                return
+            if isinstance(error, papermill.PapermillExecutionError):
+                raise PipelineError(f"notebook {step.notebook} failed: {error.ename}: {error.evalue}\n"
+                                    f"executed copy with the traceback: {output}") from None
+            raise
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[list[int]]:
+    """papermill's notebook client (nbclient) takes SIGINT and SIGTERM over while a notebook runs, to shut its kernel
+    down, and then carries on: a Ctrl-C that came while a kernel started or stopped was lost (the run went on), and
+    SIGTERM's handler was left at the default. Here the signal nbclient handles is recorded (yielded list) and
+    raised once the notebook call returns (KeyboardInterrupt, cli.Terminated: one line, 130 or 143), and both
+    handlers are put back."""
+    from jupyter_core.utils import ensure_event_loop
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    loop = ensure_event_loop()  # the loop nbclient runs on in this thread
+    received: list[int] = []
+    plain = loop.add_signal_handler
+
+    def recording(sig: int, callback: Callable[..., Any], *args: Any) -> None:
+        def record_then_handle(*call_args: Any) -> None:
+            received.append(sig)
+            callback(*call_args)
+
+        plain(sig, record_then_handle, *args)
+
+    loop.add_signal_handler = recording  # this loop instance only
     try:
-        papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"), str(output), parameters=chosen,
-                                   kernel_name=kernel, cwd=str(NOTEBOOKS_DIR), progress_bar=sys.stderr.isatty(),
-                                   log_output=True, extra_arguments=KERNEL_ARGUMENTS)
-    except papermill.PapermillExecutionError as error:
-        raise PipelineError(f"notebook {step.notebook} failed: {error.ename}: {error.evalue}\n"
-                            f"executed copy with the traceback: {output}") from None
+        yield received
+    finally:
+        del loop.add_signal_handler
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else cli.Terminated()
 
 
 def run(argv: Sequence[str] | None = None) -> Path | None:
