@@ -56,7 +56,7 @@ def test_scans_csv_forms(tmp_path):
     assert explain.read_scans(plain).to_dict("list") == {"name": ["Image_0001.png", "Image_0002.png"],
                                                          "subject": ["scan_A", "007"]}
     headed = tmp_path / "headed.csv"
-    headed.write_text("name,subject\nImage_0001.png,007\n")
+    headed.write_text("Image,Subject\nImage_0001.png,007\n")
     assert explain.read_scans(headed)["subject"].tolist() == ["007"]
     labels = tmp_path / "Train.csv"
     labels.write_text("Image_0001.png,12.5,3\nImage_0002.png,0,3\n")  # the challenge's label file

@@ -391,6 +391,12 @@ def test_sigterm_to_predict_exits_143_in_one_line_and_leaves_no_temporary_files(
     assert list(temporary.iterdir()) == [] and not (tmp_path / "out.csv").exists()
 
 
+def terminal_signals() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it (a test run from a background shell inherits it
+    ignored, and an ignored SIGINT stays ignored in Python)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
@@ -403,7 +409,8 @@ def test_a_signal_while_a_notebook_starts_stops_the_pipeline(tmp_path, phantom_s
     command = [sys.executable, "-m", "utils.pipeline", "--workdir", str(tmp_path), "--data", str(phantom_set),
                "--profile", str(profile), "--kernel", "python3"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=terminal_signals)
     started = tmp_path / "runs" / "p" / "notebooks" / "01_folds.ipynb"  # papermill writes it as the kernel starts
     deadline = time.time() + 300
     while time.time() < deadline and not started.is_file() and process.poll() is None:
@@ -425,7 +432,8 @@ def test_ctrl_c_stops_the_pipeline_in_one_line_with_130_and_the_rerun_resumes(tm
                "--profile", str(profile), "--kernel", "python3"]
     # a terminal's Ctrl-C goes to the whole foreground process group: the run, its kernels and Dask workers
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=terminal_signals)
     history = RunPaths(tmp_path / "runs" / "p").fold("m", 0) / "history.csv"
     deadline = time.time() + 300
     while time.time() < deadline and not history.is_file():  # the training job has finished an epoch

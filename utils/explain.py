@@ -140,7 +140,7 @@ def read_scans(path: str | os.PathLike) -> pd.DataFrame:
     first = [field.strip().lower() for field in rows[0][1]]
     if len(first) != 2:
         return data.read_labels(path)[["name", "subject", "percentage"]]
-    body = rows[1:] if first == ["name", "subject"] else rows
+    body = rows[1:] if first[1] in ("subject", "scan") else rows  # a header: name,subject (Image,Subject, ...)
     for line, fields in body:
         if len(fields) != 2 or not fields[0] or not fields[1].strip():
             raise csvfiles.CsvError(f"{path}, line {line}: {','.join(fields)!r} is not a name,subject row "

@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -276,7 +277,7 @@ def _signals_kept() -> Iterator[list[int]]:
     finally:
         del loop.add_signal_handler
         for sig, handler in handlers.items():
-            if handler is not None:
+            if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(sig, handler)
     if received:
         raise KeyboardInterrupt if received[0] == signal.SIGINT else cli.Terminated()
