@@ -439,8 +439,8 @@ def test_ctrl_c_stops_the_pipeline_in_one_line_with_130_and_the_rerun_resumes(tm
     while time.time() < deadline and not history.is_file():  # the training job has finished an epoch
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err + out[-3000:]
     assert err.strip().splitlines() == ["interrupted (Ctrl-C): what was finished is kept; run the same command "
                                         "again to resume"]
     time.sleep(2)  # the job processes end with their run

@@ -300,6 +300,7 @@ def _local_cluster(slots: list[dict[str, str]], threads: int):
     # The worker processes ignore Ctrl-C: a terminal sends it to the whole process group, and each worker would
     # print its own KeyboardInterrupt traceback; the run's process gets it and closes the cluster (an ignored signal
     # stays ignored in a spawned child: Python installs its SIGINT handler only over the default disposition).
+    _quiet_resource_tracker()
     interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is \
         threading.main_thread() else None
     try:
@@ -309,6 +310,18 @@ def _local_cluster(slots: list[dict[str, str]], threads: int):
     finally:
         if interrupt is not None:
             signal.signal(signal.SIGINT, interrupt)
+
+
+# multiprocessing's resource tracker (started with the cluster's first process) frees the semaphores of nannies
+# stopped by a Ctrl-C and warns that it did, after the run's one-line message: it does its job, the warning is noise
+RESOURCE_TRACKER_FILTER = "ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker"
+
+
+def _quiet_resource_tracker() -> None:
+    """The filter in PYTHONWARNINGS, which the tracker's interpreter reads (it is a process of its own)."""
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if RESOURCE_TRACKER_FILTER not in current:
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, RESOURCE_TRACKER_FILTER]))
 
 
 def _print_event(event: tuple[float, dict[str, Any]]) -> None:
