@@ -190,6 +190,17 @@ def per_scan(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def out_of_fold(run_dir: str | os.PathLike, models: Sequence[str]) -> pd.DataFrame:
+    """The ensemble of `models`' out-of-fold predictions, clipped and unrounded as 03 calibrates on, with each
+    slice's label, subject, severity and fold (folds.csv)."""
+    from utils.config import RunPaths
+    from utils.folds import read_folds
+
+    per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, list(models)))
+    oof = ensemble.combine_models(per_model[per_model["split"] == ensemble.OOF], models, rounding=False)
+    return oof.merge(read_folds(RunPaths(run_dir).folds_csv), on="name")
+
+
 def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLike, out: str | os.PathLike,
               level: float = 0.9, per_class: int = 2) -> dict[str, pd.DataFrame]:
     """For a cross-validation run (utils.sweep, two folds or more trained): the intervals' coverage on held-out
@@ -201,16 +212,13 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
 
     from utils import report
     from utils.config import RunPaths
-    from utils.folds import SEVERITY_CLASSES, read_folds
+    from utils.folds import SEVERITY_CLASSES
 
     paths = RunPaths(run_dir)
-    folds = read_folds(paths.folds_csv)
     known = sorted({name for name, _, _ in paths.fold_files("predictions.csv")})
     if model not in known:
         raise ExplainError(f"--model {model}: {run_dir} has no trained fold of it; its models: {', '.join(known)}")
-    per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, [model]))
-    oof = ensemble.combine_models(per_model[per_model["split"] == ensemble.OOF], [model], rounding=False)
-    oof = oof.merge(folds, on="name")
+    oof = out_of_fold(run_dir, [model])
     tables, low, high = intervals.out_of_fold_coverage(oof, level)
     if not tables:
         raise intervals.IntervalError(f"{run_dir}: the cv report needs two trained folds or more (a utils.sweep "
