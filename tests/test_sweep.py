@@ -168,3 +168,8 @@ def test_paired_table_differences_per_fold_by_hand(tmp_path):
     # class-balanced: Normal/Minimal (error 1) and Critical (-10 vs -4) weigh the same whatever their counts
     assert table.loc["base", "MAE_balanced"] == pytest.approx((1 + 1 + 10) / 3)
     assert table.loc["better", "bias_Critical"] == pytest.approx(-4.0)
+    only = sweep.paired_table(tmp_path, "base", models=["better"])
+    assert only["model"].tolist() == ["base", "better"]
+    assert only["d_MAE_fold1"].tolist() == table["d_MAE_fold1"].tolist()
+    with pytest.raises(sweep.SweepError, match="--models 'worse': no out-of-fold predictions"):
+        sweep.paired_table(tmp_path, "base", models=["worse"])

@@ -53,11 +53,12 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-@pytest.mark.parametrize("amp_dtype", ["auto", pytest.param("float16", marks=pytest.mark.slow)])  # float16: SAM
-# with a GradScaler that backs off here (fp16 on the CPU is slow: ~40 s)
-def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype):
+@pytest.mark.parametrize("amp_dtype, ema_decay", [("auto", 0.0), ("auto", 0.9),  # float16: SAM with a GradScaler
+                                                   pytest.param("float16", 0.0, marks=pytest.mark.slow)])
+# that backs off here (fp16 on the CPU is slow: ~40 s); ema_decay: the average is resumed along with the weights
+def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype, ema_decay):
     split = tiny_split()
-    cfg = tiny_config(sam="sam", amp_dtype=amp_dtype)
+    cfg = tiny_config(sam="sam", amp_dtype=amp_dtype, ema_decay=ema_decay)
     reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False)
 
     calls = {"n": 0}
@@ -74,6 +75,7 @@ def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplo
         train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
     state = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)
     assert state["epoch"] == 0 and ("grad_scaler" in state) == (amp_dtype == "float16")
+    assert ("ema" in state) == (ema_decay > 0) and "model" in state
     monkeypatch.setattr(train.StepRunner, "__call__", real_call)
     with caplog.at_level(logging.INFO, logger="utils"):
         resumed = train.train_fold(cfg, 0, split, tmp_path / "killed", progress=False)
@@ -83,6 +85,41 @@ def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplo
         a = torch.load(tmp_path / "straight" / name, weights_only=True)
         b = torch.load(tmp_path / "killed" / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_keeps_and_predicts_with_the_moving_average_of_the_trained_weights(tmp_path, monkeypatch):
+    split = tiny_split()
+    decay = 0.75
+    cfg = tiny_config(arch="resnet10t", epochs=1, warmup_epochs=0, save_last_k=1, max_steps_per_epoch=2,
+                      ema_decay=decay)
+    trained = []  # the trained weights before the first step and after each step
+    real_call = train.StepRunner.__call__
+
+    def recording(self, images, targets):
+        if not trained:
+            trained.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        parts = real_call(self, images, targets)
+        trained.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return parts
+
+    monkeypatch.setattr(train.StepRunner, "__call__", recording)
+    predictions = train.train_fold(cfg, 0, split, tmp_path / "f", progress=False)
+    kept = torch.load(tmp_path / "f" / "checkpoint_epoch000.pt", weights_only=True)
+    w0, w1, w2 = trained
+    for key, value in kept.items():
+        if not value.is_floating_point():  # BatchNorm's step counter is copied, not averaged
+            assert torch.equal(value, w2[key])
+            continue
+        by_hand = decay * (decay * w0[key] + (1 - decay) * w1[key]) + (1 - decay) * w2[key]
+        torch.testing.assert_close(value, by_hand, rtol=1e-5, atol=1e-6)
+    first_conv = next(k for k in kept if k.endswith("weight"))
+    assert not torch.allclose(kept[first_conv], w2[first_conv])  # the average, not the last trained weights
+    model = train.build_model_for(cfg, torch.device("cpu"), for_checkpoint=True)
+    model.load_state_dict(kept)
+    held_out = split.subset(split.frame["fold"].to_numpy() == 0)
+    oof = predictions[predictions["split"] == "oof"].set_index("name").loc[held_out.frame["name"], "prediction"]
+    np.testing.assert_allclose(oof.to_numpy(), train.predict(model, held_out.images, cfg, torch.device("cpu")),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_finished_fold_is_reused_not_retrained(tmp_path, monkeypatch):

@@ -214,6 +214,9 @@ class TrainConfig(Settings):
     tta_hflip: bool = False  # average predictions with the h-flipped image
     folds: list[int] = field(default_factory=lambda: [0, 1])  # folds to train (of FoldSettings.n_folds)
     save_last_k: int = 5  # checkpoints of the last k epochs are kept and averaged
+    # > 0: the weights validated, kept and predicted with are an exponential moving average of the trained ones
+    # (timm's ModelEmaV3, updated after every step with this decay; 0.995 averages over ~200 steps)
+    ema_decay: float = 0.0
     seed: int = 42
     use_pseudo_labels: bool = False  # add 04_pseudo_label's labelled Val/Test slices to every fold's training part
     device: str = "auto"  # auto: cuda when present (autocast: amp_dtype), else cpu fp32
@@ -254,6 +257,7 @@ class TrainConfig(Settings):
             (self.weight_decay >= 0, "weight_decay", f"{self.weight_decay}: must be >= 0"),
             (self.sam_rho >= 0, "sam_rho", f"{self.sam_rho}: must be >= 0"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad", f"{self.clip_grad}: must be > 0 or null"),
+            (0 <= self.ema_decay < 1, "ema_decay", f"{self.ema_decay}: must be in [0, 1) (0: off)"),
             (self.kl_weight >= 0, "kl_weight", f"{self.kl_weight}: must be >= 0"),
             (self.bmse_sigma > 0, "bmse_sigma", f"{self.bmse_sigma}: must be > 0"),
             (self.lds_sigma > 0, "lds_sigma", f"{self.lds_sigma}: must be > 0"),

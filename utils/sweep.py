@@ -153,10 +153,11 @@ def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def paired_table(run_dir: str | Path, base: str) -> pd.DataFrame:
-    """Each model against `base`, fold by fold, on the folds both finished: per fold the plain and the
-    class-balanced MAE and their differences (negative: better than the base), how many folds each improved, and
-    the pooled out-of-fold MAE, class-balanced MAE and per-class bias of each model (the paired CV table)."""
+def paired_table(run_dir: str | Path, base: str, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """Each model (of `models`, default all) against `base`, fold by fold, on the folds both finished: per fold the
+    plain and the class-balanced MAE and their differences (negative: better than the base), how many folds each
+    improved, and the pooled out-of-fold MAE, class-balanced MAE and per-class bias of each model (the paired CV
+    table)."""
     from utils.ensemble import average_checkpoints_and_folds, load_predictions, oof_table
     from utils.folds import read_folds
 
@@ -166,6 +167,13 @@ def paired_table(run_dir: str | Path, base: str) -> pd.DataFrame:
     if base not in set(oof["model"]):
         raise SweepError(f"--base {base!r}: no out-of-fold predictions in {run_dir} (models: "
                          f"{sorted(set(oof['model']))})")
+    unknown = sorted(set(models or ()) - set(oof["model"]))
+    if unknown:
+        raise SweepError(f"--models {unknown[0]!r}: no out-of-fold predictions in {run_dir} (models: "
+                         f"{sorted(set(oof['model']))})")
+    if models:
+        oof = oof[oof["model"].isin({base, *models})]
+        per_model = per_model[per_model["model"].isin({base, *models})]
     per_fold = {(model, fold): oof_table(group, truth).iloc[0] for (model, fold), group in oof.groupby(["model",
                                                                                                        "fold"])}
     pooled = oof_table(per_model, truth).set_index("model")
@@ -230,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare = commands.add_parser("compare", help="paired per-fold differences of each model against a base model")
     compare.add_argument("run_dir")
     compare.add_argument("--base", required=True, help="the model the others are compared with")
+    compare.add_argument("--models", nargs="+", help="only these models (default: every model of the run)")
     compare.add_argument("--csv", help="also write the table to this CSV")
     args = parser.parse_args(argv)
 
@@ -245,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   runner=runner, time_limit=args.time_limit)
         print(format_report(cv_table(run_dir, complete_only=False)))
     elif args.command == "compare":
-        table = paired_table(args.run_dir, args.base)
+        table = paired_table(args.run_dir, args.base, args.models)
         print(table.to_string(index=False, float_format="%.3f"))
         if args.csv:
             csvfiles.write_frame(args.csv, table)

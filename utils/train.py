@@ -3,9 +3,10 @@
 Per fold (`train_fold`): build the model (utils.models), SGD (or AdamW) wrapped in SAM (utils.sam) or plain, timm's
 CosineLRScheduler stepped per update (warm-up then cosine, as in the paper), RandAugment (utils.augment) on the
 decoded-image cache (utils.data); each epoch validates on the held-out fold (the out-of-fold, OOF, slices) and
-saves a resume state; the last `save_last_k` epochs' weights are kept as plain state dicts. At the end each kept
-checkpoint predicts the OOF slices and every extra split (Val, Test): `predictions.csv` (split, name, epoch,
-prediction). The ensemble stage (utils.ensemble) averages those over checkpoints, folds and models.
+saves a resume state; the last `save_last_k` epochs' weights are kept as plain state dicts. With `ema_decay` > 0
+the weights validated, kept and predicted with are timm's exponential moving average of the trained ones. At the
+end each kept checkpoint predicts the OOF slices and every extra split (Val, Test): `predictions.csv` (split, name,
+epoch, prediction). The ensemble stage (utils.ensemble) averages those over checkpoints, folds and models.
 
 Batches travel as uint8 and are normalised on the device (utils.augment.Normalizer): 4x less to pin and copy than
 float32 (12x with gray slices, replicated to 3 channels there). channels_last on both devices (measured on this
@@ -16,11 +17,11 @@ default (they would compete with the model for the cores).
 
 Resume: a killed run, rerun, continues after the last finished epoch (`state.pt`: optimizer incl. SAM's base
 optimizer momentum, scheduler, history, and the weights, or at a kept epoch the name of its checkpoint: the
-checkpoint bytes are written once). Data order is a function of (seed, fold, epoch), so a resumed epoch sees the
-same order it would have seen. Checkpoints, states and predictions are recorded with their hash when written and
-verified before reuse (utils.files). A finished fold (its `predictions.csv`) is reused; slices of Val/Test that it
-has not predicted yet (a split added after training: the challenge's Test phase) are predicted with its kept
-checkpoints, without training.
+checkpoint bytes are written once; with EMA both the trained weights and their average). Data order is a function
+of (seed, fold, epoch), so a resumed epoch sees the same order it would have seen. Checkpoints, states and
+predictions are recorded with their hash when written and verified before reuse (utils.files). A finished fold (its
+`predictions.csv`) is reused; slices of Val/Test that it has not predicted yet (a split added after training: the
+challenge's Test phase) are predicted with its kept checkpoints, without training.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -410,6 +412,7 @@ class _FoldTraining:
         weight_table = None if cfg.lds == "none" else \
             losses.lds_weights(_training_labels(fit, pseudo), cfg.lds, cfg.lds_sigma)
         self.runner = StepRunner(self.model, self.optimizer, cfg, self.device, weight_table)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.loader = make_loader(train_set, cfg, self.device, train=True, seed=cfg.seed * 100 + fold)
         self.state_path = fold_dir / "state.pt"
 
@@ -420,9 +423,14 @@ class _FoldTraining:
         way_out = (f"delete {self.state_path} to restart this fold from its first epoch, or rerun the whole run "
                    "with --force")
         state = files.load_torch(self.state_path, way_out, map_location=self.device)
-        weights = state["model"] if "model" in state else \
-            files.load_torch(self.fold_dir / state["model_file"], way_out, map_location=self.device)
-        self.model.load_state_dict(weights)
+
+        def weights(key: str) -> dict[str, torch.Tensor]:  # inline, or by the name of a kept checkpoint
+            return state[key] if key in state else \
+                files.load_torch(self.fold_dir / state[f"{key}_file"], way_out, map_location=self.device)
+
+        self.model.load_state_dict(weights("model"))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights("ema"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.runner.scaler is not None and "grad_scaler" in state:  # fp16: resume with the loss scale reached
@@ -447,6 +455,8 @@ class _FoldTraining:
             if step >= self.steps_per_epoch:
                 break
             parts = self.runner(*self.runner.to_device(images, targets))
+            if self.ema is not None:
+                self.ema.update(self.model)
             finite = torch.isfinite(parts["loss"])
             not_finite += (~finite).long()
             counted += finite.double() * len(targets)
@@ -464,6 +474,11 @@ class _FoldTraining:
         return {"train_images_per_s": seen / (time.perf_counter() - started),
                 **{f"train_{k}": float(v) / finite_slices for k, v in sums.items()}}
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validated, kept and predicted with: the EMA's when on, else the trained ones."""
+        return self.model if self.ema is None else self.ema.module
+
     def diverged(self, epoch: int, what: str) -> TrainingDiverged:
         cfg = self.cfg
         return TrainingDiverged(
@@ -478,11 +493,14 @@ class _FoldTraining:
                  "history": history}
         if self.runner.scaler is not None:
             state["grad_scaler"] = self.runner.scaler.state_dict()
+        evaluated = "model" if self.ema is None else "ema"
+        if self.ema is not None:
+            state["model"] = self.model.state_dict()  # the trained weights, to go on training from
         if epoch in kept_epochs(self.cfg):
-            path = files.save_torch(self.model.state_dict(), checkpoint_path(self.fold_dir, epoch), record=True)
-            state["model_file"] = path.name
+            path = files.save_torch(self.evaluated.state_dict(), checkpoint_path(self.fold_dir, epoch), record=True)
+            state[f"{evaluated}_file"] = path.name
         else:
-            state["model"] = self.model.state_dict()
+            state[evaluated] = self.evaluated.state_dict()
         files.save_torch(state, self.state_path, record=True)
         csvfiles.write_frame(self.fold_dir / "history.csv", pd.DataFrame(history))
 
@@ -588,7 +606,7 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
         started = time.perf_counter()
         row = {"epoch": epoch, **training.train_epoch(epoch, progress)}
         row["lr"] = training.optimizer.param_groups[0]["lr"]
-        held_out = predict(training.model, valid.images, cfg, training.device)
+        held_out = predict(training.evaluated, valid.images, cfg, training.device)
         if not np.isfinite(held_out).all():
             raise training.diverged(epoch, f"{int((~np.isfinite(held_out)).sum())} of {len(held_out)} held-out "
                                            "predictions are NaN or infinite")
