@@ -493,14 +493,14 @@ class _FoldTraining:
                  "history": history}
         if self.runner.scaler is not None:
             state["grad_scaler"] = self.runner.scaler.state_dict()
-        evaluated = "model" if self.ema is None else "ema"
+        key = "model" if self.ema is None else "ema"  # under which the evaluated weights are resumed
         if self.ema is not None:
             state["model"] = self.model.state_dict()  # the trained weights, to go on training from
         if epoch in kept_epochs(self.cfg):
             path = files.save_torch(self.evaluated.state_dict(), checkpoint_path(self.fold_dir, epoch), record=True)
-            state[f"{evaluated}_file"] = path.name
+            state[f"{key}_file"] = path.name
         else:
-            state[evaluated] = self.evaluated.state_dict()
+            state[key] = self.evaluated.state_dict()
         files.save_torch(state, self.state_path, record=True)
         csvfiles.write_frame(self.fold_dir / "history.csv", pd.DataFrame(history))
 
