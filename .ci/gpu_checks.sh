@@ -15,6 +15,8 @@
 #   a. PARTS=unpack DATA_TAR=.devdata/c224.part1.tar bash .ci/gpu_checks.sh       timeout_s 120
 #   b. PARTS=unpack DATA_TAR=.devdata/c224.part2.tar bash .ci/gpu_checks.sh       timeout_s 120
 #   c. PARTS="unpack gpu224" DATA_TAR=.devdata/c224.part3.tar bash .ci/gpu_checks.sh   timeout_s 600
+# Self-supervision at GPU scale (after those, when device time is left), carrying [".whl", ".devdata/crops144.tar"]:
+#   d. PARTS=selfsup bash .ci/gpu_checks.sh                                        timeout_s 570
 # Each part has its own time limit (below) and prints its figures as they are measured, so a part stopped by its
 # limit still reports what it had; the parts run in the order PARTS lists them.
 #
@@ -31,6 +33,9 @@
 #   gpu_profile  the `gpu` profile end to end on the real crops (Train + Val), 10 jobs per GPU: gpu.log, val_gpu.csv,
 #                gpu_run.tar.gz. (Ran on an H200 on 2026-11-27: 301 s.)
 #   search       the search_gpu profile's paired 5-fold CV (Table 1 at GPU scale): search_gpu_cv_summary.csv.
+#   selfsup      SimCLR on every crop, SimCLR after near-duplicate removal, and BYOL, 15 epochs each at 144 px on
+#                DATA_TAR's crops (crops144.tar), then the selfsup_gpu profile's paired 5-fold CV against no
+#                pretraining (~7 min on an H200; one call, timeout_s 570): selfsup.log, selfsup_gpu_cv_summary.csv.
 #   unpack       add DATA_TAR's slices to $CARRIED (outside the checkout: it stays while the machine is warm).
 #   gpu224       the `gpu` profile at 224 px (-p img_size 224) on $CARRIED, 10 jobs per GPU, then the Val
 #                submission with 90 % intervals: gpu224.log, val_gpu224.csv, val_gpu224_intervals.csv,
@@ -42,6 +47,7 @@ OUT=${OUT:-/tmp/gpu_checks}; DEVICE=${DEVICE:-cuda}; QUICK=${QUICK:-0}; PY=${PY:
 PARTS=${PARTS:-bench paper}
 BENCH_LIMIT=${BENCH_LIMIT:-240}; PAPER_LIMIT=${PAPER_LIMIT:-270}; COMPILE_LIMIT=${COMPILE_LIMIT:-150}
 PIPELINE_LIMIT=${PIPELINE_LIMIT:-380}; SEARCH_LIMIT=${SEARCH_LIMIT:-540}; GPU224_LIMIT=${GPU224_LIMIT:-540}
+SELFSUP_LIMIT=${SELFSUP_LIMIT:-540}
 COMPILE_MODES=${COMPILE_MODES:-reduce-overhead default}
 DATA_TAR=${DATA_TAR:-.devdata/crops144.tar}; SEARCH_NPZ=${SEARCH_NPZ:-.devdata/train144.npz}
 CARRIED=${CARRIED:-/tmp/carried_crops}
@@ -62,10 +68,11 @@ if [ "$QUICK" = 1 ]; then
   TOY=(-p img_size 32 -p epochs 2 -p warmup_epochs 0 -p save_last_k 1 -p folds "[0, 1]" -p selfsup_epochs 1
        -p arch resnet18 -p batch_size 8)
   BENCH_SIZE=(--arch resnet18 --img-size 32 --batch-size 4 --steps 3 --warmup-steps 3); KS=(2)
+  SSL_SIZE=(--img-size 32 --epochs 1 --batch-size 8)
   PAPER_TOY=(-p img_size 64 -p arch resnet18 -p max_steps_per_epoch 2)
   SEARCH_TOY=(--folds 0 1 -p img_size 32 -p epochs 2 -p warmup_epochs 0 -p save_last_k 1 -p batch_size 8)
 else
-  TOY=(); PAPER_TOY=(); SEARCH_TOY=(); KS=(2 4 8)
+  TOY=(); PAPER_TOY=(); SEARCH_TOY=(); KS=(2 4 8); SSL_SIZE=(--img-size 144 --epochs 15)
   BENCH_SIZE=(--arch resnest50d --img-size 512 --batch-size 8 --steps 20 --warmup-steps 4)
 fi
 
@@ -113,6 +120,22 @@ part_search() {  # Table 1 at GPU scale (needs .devdata/train144.npz, see the to
   cp runs/search_gpu/cv_summary.csv "$OUT/search_gpu_cv_summary.csv" 2>/dev/null
 }
 
+part_selfsup() {  # the weights first (the profile names them), then every (model, fold), 10 per GPU
+  local data=data/device_crops ssl=runs/ssl_gpu/resnet10t_3ch_144px started=$SECONDS
+  left() { local l=$((SELFSUP_LIMIT - SECONDS + started)); echo $((l > 1 ? l : 1)); }  # timeout 0 would not stop
+  rm -rf "$data" && $PY .ci/device_data.py unpack "$DATA_TAR" "$data" > "$OUT/selfsup.log" 2>&1 || return 1
+  for variant in "simclr_e15" "simclr_e15_dedup0.95 --dedup-correlation 0.95" "byol_e15 --method byol"; do
+    read -r name extra <<< "$variant"
+    timeout "$(left)" $PY -m utils.selfsup --data "$data" --device "$DEVICE" \
+      "${SSL_SIZE[@]}" $extra --out "${ssl}_$name.pth" >> "$OUT/selfsup.log" 2>&1 || return 1
+    stamp "selfsup $name"
+  done
+  timeout "$(left)" $PY -m utils.sweep run --profile selfsup_gpu --data "$data" \
+    --jobs-per-gpu 10 -p device "$DEVICE" "${SEARCH_TOY[@]}" >> "$OUT/selfsup.log" 2>&1
+  echo "selfsup exit $?" >> "$OUT/selfsup.log"
+  cp runs/selfsup_gpu/cv_summary.csv "$OUT/selfsup_gpu_cv_summary.csv" 2>/dev/null
+}
+
 part_unpack() {
   mkdir -p "$CARRIED" && $PY .ci/device_data.py unpack "$DATA_TAR" "$CARRIED" >> "$OUT/unpack.log" 2>&1
   echo "unpack exit $? ($(find "$CARRIED" -name '*.png' | wc -l) slices in $CARRIED)" >> "$OUT/unpack.log"
@@ -134,7 +157,7 @@ part_gpu224() {
 
 for part in $PARTS; do
   if ! declare -F "part_$part" > /dev/null; then
-    echo "unknown part '$part': choose from bench paper compile gpu_profile search unpack gpu224" >&2; exit 2
+    echo "unknown part '$part': choose from bench paper compile gpu_profile search selfsup unpack gpu224" >&2; exit 2
   fi
   stamp "$part"
   "part_$part"

@@ -107,6 +107,8 @@ def test_an_unknown_key_names_the_file_the_key_and_the_closest_names(tmp_path, p
     ({"arch": "resnet181"}, "-p: arch='resnet181': not a timm architecture; closest: resnet18"),
     ({"n_folds": 1}, "-p: n_folds=1: cross-validation needs at least 2 folds"),
     ({"split": "Tset"}, "-p: split='Tset': choose one of Val, Test"),
+    ({"selfsup_method": "dino"}, "-p: selfsup_method='dino': choose one of simclr, simsiam, byol"),
+    ({"selfsup_dedup": 1.5}, "-p: selfsup_dedup=1.5: 0 (off), or a correlation up to 1"),
     ({"data_dir": "/x"}, "'data_dir' is set by run_all.sh"),
 ])
 def test_bad_values_fail_before_anything_runs_naming_their_source(tmp_path, overrides, fragment):

@@ -96,7 +96,8 @@ def test_run_all_sh_rejects_bad_arguments():
 @pytest.mark.slow
 def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
     """The `cpu` profile end to end on ~40 real crops of 8 subjects, 1 epoch at 32 px (Train only: OOF submission),
-    with the self-supervised pretraining step on (1 epoch): its weights become the model's pretrained_file."""
+    with the self-supervised pretraining step on (BYOL, 1 epoch, on the crops left after near-duplicate removal):
+    its weights become the model's pretrained_file."""
     import pandas as pd
 
     labels = pd.read_csv(shared_dir / "crops" / "Train" / "Train.csv", header=None, names=["name", "pct", "subject"])
@@ -108,10 +109,12 @@ def test_cpu_profile_on_a_few_real_crops(shared_dir, tmp_path):
     chosen.to_csv(tmp_path / "crops" / "Train" / "Train.csv", header=False, index=False, lineterminator="\r\n")
     argv = ["--workdir", str(tmp_path), "--data", str(tmp_path / "crops"), "--profile", "cpu", "--name", "cpu_tiny",
             "--kernel", "python3", "-p", "epochs", "1", "-p", "warmup_epochs", "0", "-p", "save_last_k", "1",
-            "-p", "img_size", "32", "-p", "selfsup_epochs", "1"]
+            "-p", "img_size", "32", "-p", "selfsup_epochs", "1", "-p", "selfsup_method", "byol",
+            "-p", "selfsup_dedup", "0.95"]
     assert pipeline.main(argv) == 0
-    weights = tmp_path / "runs" / "cpu_tiny" / "selfsup" / "resnet10t_3ch_32px_simclr_e1.pth"
-    assert weights.is_file() and (tmp_path / "runs" / "cpu_tiny" / "selfsup" / f"{weights.name}.history.csv").is_file()
+    weights = tmp_path / "runs" / "cpu_tiny" / "selfsup" / "resnet10t_3ch_32px_byol_e1_dedup0.95.pth"
+    history = pd.read_csv(tmp_path / "runs" / "cpu_tiny" / "selfsup" / f"{weights.name}.history.csv")
+    assert weights.is_file() and 2 <= history["slices"].iloc[0] < len(chosen)  # near-duplicates left out
     trained = yaml.safe_load((tmp_path / "runs" / "cpu_tiny" / "models" / "r10t_reg_avg" / "fold0" / "config.yaml")
                              .read_text())
     assert trained["pretrained_file"] == str(weights)

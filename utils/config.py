@@ -7,7 +7,7 @@ Each setting is a field of exactly one dataclass, with its default and its check
     FoldSettings      n_folds, fold_seed                    01_folds
     EnsembleSettings  models, greedy_selection, rounding    03_ensemble, 04_pseudo_label
     SubmitSettings    split, submission_csv, export         05_submit
-    SelfSupSettings   selfsup_epochs, selfsup_method        the pipeline's pretraining step (utils.selfsup)
+    SelfSupSettings   selfsup_epochs, _method, _dedup       the pipeline's pretraining step (utils.selfsup)
     ExplainSettings   interval_level, worst_slices, ...     06_explain
     NotebookSettings  profile, overrides, role, ...         every notebook (how it gets its recipe)
 
@@ -75,6 +75,7 @@ SUBMIT_SPLITS = ("Val", "Test")
 # Imbalanced-regression settings (utils.losses): LDS loss weights, and eq 2's loss on f2.
 LDS_MODES = ("none", "inverse", "sqrt_inverse")
 REGRESSION_LOSSES = ("smooth_l1", "balanced_mse")
+SELFSUP_METHODS = ("simclr", "simsiam", "byol")  # utils.selfsup
 NOTEBOOK_ROLES = ("train", "report")
 PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
@@ -385,11 +386,14 @@ class SelfSupSettings(Settings):
     (utils.selfsup); its weights become the model's pretrained_file. A pipeline stage, no notebook."""
 
     selfsup_epochs: int = 0  # 0: off
-    selfsup_method: str = "simclr"  # simclr | simsiam
+    selfsup_method: str = "simclr"  # simclr | simsiam | byol
+    selfsup_dedup: float = 0.0  # 0: every slice; else drop those that correlate >= this with the last kept
 
     def validate(self) -> None:
-        check_choice("selfsup_method", self.selfsup_method, ("simclr", "simsiam"))
-        _check_all([(self.selfsup_epochs >= 0, "selfsup_epochs", f"{self.selfsup_epochs}: 0 (off) or more")])
+        check_choice("selfsup_method", self.selfsup_method, SELFSUP_METHODS)
+        _check_all([(self.selfsup_epochs >= 0, "selfsup_epochs", f"{self.selfsup_epochs}: 0 (off) or more"),
+                    (0 <= self.selfsup_dedup <= 1, "selfsup_dedup",
+                     f"{self.selfsup_dedup}: 0 (off), or a correlation up to 1 (0.95 keeps 58 % of the crops)")])
 
 
 @dataclass

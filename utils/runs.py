@@ -107,10 +107,8 @@ def resolve(profile: str | Path | Mapping[str, Any], overrides: Mapping[str, Any
         from utils import selfsup  # imported when needed: it brings albumentations and the training loop
 
         out_dir = Path(paths.run_dir) / "selfsup"
-        settings["train"], pretrainings = selfsup.with_pretraining(settings["train"], ssl.selfsup_epochs,
-                                                                   ssl.selfsup_method, out_dir)
-        settings["pseudo"], _ = selfsup.with_pretraining(settings["pseudo"], ssl.selfsup_epochs,
-                                                         ssl.selfsup_method, out_dir)
+        settings["train"], pretrainings = selfsup.with_pretraining(settings["train"], ssl, out_dir)
+        settings["pseudo"], _ = selfsup.with_pretraining(settings["pseudo"], ssl, out_dir)
     return Run(loaded, overrides, paths, settings, pretrainings)
 
 
