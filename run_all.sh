@@ -54,7 +54,14 @@ if [ "$NO_VENV" = 1 ]; then
     fi
     WORKDIR=$(pwd)
   fi
-  mkdir -p "$WORKDIR"
+  # a workdir that cannot be written: one line here, not a traceback of the kernel install below (root ignores
+  # permission bits: a file is really created, with the temporary-file pattern a run's debris clean-up knows)
+  probe="$WORKDIR/.write-check.tmp-${HOSTNAME:-host}-$$"
+  if ! { mkdir -p "$WORKDIR" && : > "$probe"; } 2>/dev/null; then
+    echo "error: --workdir $WORKDIR cannot be written (read-only or not permitted): pass --workdir DIR, a writable folder (e.g. /kaggle/working)" >&2
+    exit 1
+  fi
+  rm -f "$probe"
   WORKDIR=$(cd "$WORKDIR" && pwd)
   export PERCOVID_WORKDIR="$WORKDIR" PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONPYCACHEPREFIX="$WORKDIR/.cache/pycache" JUPYTER_PATH="$WORKDIR/.cache/jupyter/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"

@@ -60,12 +60,12 @@ def test_tiny_run_derived_figures_follow_their_formulas(tiny_run):
     scaled = sum(steps[name] * r["cost_ratio"][name] for name in steps)
     assert r["hours_flop_scaled"] == pytest.approx(scaled / a / 3600)
     # ResNeSt50 at 512 px against the measured ResNet18 at 32 px: ~5.4 / 1.82 GMACs at 224 px x (512/32)^2 pixels
-    assert r["cost_ratio"]["resnest50_exp_hybrid"] == pytest.approx(5.37 / 1.82 * 256, rel=0.02)
+    assert r["cost_ratio"]["resnest50_exp"] == pytest.approx(5.37 / 1.82 * 256, rel=0.02)
     # the wall time: 8 (model, fold) jobs then the retrain's 2, the FLOP-scaled work split evenly over a run's folds
     assert [len(stage) for stage in r["stages"]] == [8, 2]
     assert sum(sum(stage.values()) for stage in r["stages"]) == pytest.approx(scaled)
-    assert r["stages"][1]["resnest101_exp_hybrid_pl fold 0"] == pytest.approx(
-        steps["resnest101_exp_hybrid_pl"] / 2 * r["cost_ratio"]["resnest101_exp_hybrid_pl"])
+    assert r["stages"][1]["resnest101_exp_pl fold 0"] == pytest.approx(
+        steps["resnest101_exp_pl"] / 2 * r["cost_ratio"]["resnest101_exp_pl"])
     speeds = {int(k): c["aggregate_img_s"] for k, c in r["concurrent"].items()}
     assert r["wall_aggregate_img_s"] == speeds and r["jobs_per_gpu"] == max(speeds, key=speeds.get)
     jobs = [list(stage.values()) for stage in r["stages"]]

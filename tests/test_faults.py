@@ -269,6 +269,8 @@ def test_folds_that_the_data_cannot_have_fail_before_writing(tmp_path, capsys):
 def test_a_run_folder_records_what_it_keeps(tmp_path):
     _, _, fold_dir = tiny_fold(tmp_path)
     recorded = set(files._records(fold_dir))
-    # state.pt forgotten; inputs.json: what the fold was trained on (data digests), checked before any reuse
-    assert recorded == {"checkpoint_epoch000.pt", "checkpoint_epoch001.pt", "predictions.csv", "inputs.json"}
+    # state.pt forgotten; inputs.json: what the fold was trained on (data digests), checked before any reuse;
+    # config.yaml: the recipe prediction rebuilds the model from
+    assert recorded == {"checkpoint_epoch000.pt", "checkpoint_epoch001.pt", "predictions.csv", "inputs.json",
+                        "config.yaml"}
     assert not (fold_dir / "state.pt").exists()

@@ -60,7 +60,7 @@ def test_a_failing_job_stops_the_stage_naming_it_and_finished_folds_stay(tiny_da
     not_weights = tmp_path / "not_weights.pth"
     not_weights.write_text("not a checkpoint")
     bad = TrainConfig(model_name="bad", pretrained_file=str(not_weights), **TINY)
-    with pytest.raises(jobs.JobFailed, match=r"bad fold \d: RuntimeError: could not load weights"):
+    with pytest.raises(jobs.JobFailed, match=r"bad fold \d: pretrained_file .*not_weights.pth: not a weights file"):
         jobs.run_training([good, bad], run_dir, tiny_data, tmp_path / "cache", jobs.Runner(jobs=2, threads=1))
     assert predictions(run_dir, "good") == kept  # the finished folds are reused, not lost
 

@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+from utils.config import ConfigError
 from utils.models import HEADS, POOLINGS, PretrainedWeightsUnavailable, build_model
 
 SMALL_INPUT = 64  # resnet18 -> 2x2 feature maps
@@ -122,9 +123,8 @@ def test_offline_pretrained_raises_one_clear_error(monkeypatch, tmp_path):
         build_model("resnet18", pretrained=True)
     message = str(info.value)
     assert "network" in message and "HF_HOME" in message and "pretrained_file" in message
-    assert "pretrained=False" in message
-    assert isinstance(info.value, RuntimeError)
-    assert isinstance(info.value.__cause__, FileNotFoundError)  # the hub's LocalEntryNotFoundError
+    assert "-p pretrained false" in message and "HF_HUB_OFFLINE is set" in message and "\n" not in message
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ConfigError)  # one line in every CLI
 
 
 def test_pretrained_file_loads_local_weights(tmp_path):

@@ -123,11 +123,12 @@ def test_reuse_refuse_and_force(small_set, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("someone else's folder")
-    with pytest.raises(FileExistsError, match="not a complete phantom set"):
-        generate_phantoms(foreign, subjects=3, size=48)
-    replaced = generate_phantoms(foreign, subjects=3, size=48, slices_per_subject=(1, 2), force=True, num_workers=2)
-    assert (foreign / "Train" / "Train.csv").is_file() and replaced["parameters"]["size"] == 48
-    assert not (foreign / "notes.txt").exists()
+    for force in (False, True):  # a folder that is not a phantom set is never replaced, not even with force
+        with pytest.raises(FileExistsError, match="is not a phantom set .*not this project's to replace"):
+            generate_phantoms(foreign, subjects=3, size=48, force=force)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    replaced = generate_phantoms(empty, subjects=3, size=48, slices_per_subject=(1, 2), force=True, num_workers=2)
+    assert (empty / "Train" / "Train.csv").is_file() and replaced["parameters"]["subjects"] == 3  # a phantom set
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign"]  # no tmp or retired folders left
 
 

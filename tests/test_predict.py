@@ -92,17 +92,6 @@ def test_unrounded_predictions_equal_the_pipelines_own(phases, tmp_path):
     np.testing.assert_allclose(merged["prediction_x"], merged["prediction_y"], atol=1e-6, rtol=0)
 
 
-def test_a_folder_with_clashing_names_gets_a_path_column(phases, tmp_path):
-    root, full, _, _ = phases
-    image = sorted((full / "Test").rglob("*.png"))[0]
-    for folder in ("x", "y"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / image.name).symlink_to(image)
-    rows = predict.predict_images(root / "runs" / "early", [tmp_path / "x", tmp_path / "y"], progress=False)
-    text = predict.format_predictions(rows)
-    assert [line.count(",") for line in text.splitlines()] == [2, 2] and str(tmp_path / "x") in text
-
-
 def test_weight_averaged_export_loads_and_predicts(phases, tmp_path):
     root, full, _, _ = phases
     manifest = predict.export_run(root / "runs" / "early", tmp_path / "averaged", average_checkpoints=True)

@@ -173,3 +173,6 @@ def test_paired_table_differences_per_fold_by_hand(tmp_path):
     assert only["d_MAE_fold1"].tolist() == table["d_MAE_fold1"].tolist()
     with pytest.raises(sweep.SweepError, match="--models 'worse': no out-of-fold predictions"):
         sweep.paired_table(tmp_path, "base", models=["worse"])
+    # the base's own predictions rounded, as models base@rule: whole errors on whole labels, nothing changes
+    rounded = sweep.paired_table(tmp_path, "base", roundings=["once", "authors"]).set_index("model")
+    assert rounded.loc["base@once", "d_MAE_mean"] == rounded.loc["base@authors", "d_MAE_mean"] == 0

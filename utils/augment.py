@@ -24,6 +24,14 @@ of the list for grayscale input; every image still gets N real ops (drawn from 9
 result is replicated to all (identical output, ~1.7x faster at 512 px x 3 channels). The N ops are applied in list
 order (albumentations' SomeOf sorts the drawn indices).
 
+The seed team's RandAugment (`randaug_style: authors`, their utils/augmentations.py; docs/paper.md): N ops drawn
+*with* replacement from the same ten, each applied with p 0.5 at a *fixed* strength of M/30 of its range with a random
+sign for the geometric ones (their default M = 15: rotate 15 degrees, shear 0.15, translate 50 px, a 20 px cutout
+filled with their grey; their colour factors are 0.1 + 1.8 M/30, exactly 1.0 at M = 15: no-ops), done with PIL's
+operations as theirs (nearest-neighbour, shear about the top-left corner). Their translate and cutout are in pixels
+of a 512 px slice: here they scale with the image's side (the same share of the slice at any size). Their
+training also flips every image vertically and horizontally with p 0.5 each, after RandAugment (`train_flips`).
+
 Eval transforms do no augmentation. Every transform returns uint8 tensors; `Normalizer` turns a batch on the device
 into float32 (x / 255 - mean) / std with ImageNet mean/std (3 channels) or their averages (1 channel), so pretrained
 ImageNet weights see the input statistics they expect. Test-time augmentation: `hflip_tta` (average of the
@@ -37,10 +45,15 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import albumentations as A
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageEnhance
+
+if TYPE_CHECKING:
+    from utils.config import TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,6 +105,75 @@ def randaugment_ops(magnitude: int, grayscale: bool = True) -> list[A.BasicTrans
     if not grayscale:
         ops.insert(1, A.ColorJitter(brightness=identity, contrast=identity, saturation=enhance, hue=(0.0, 0.0), p=1.0))
     return ops
+
+
+# The seed team's RandAugment: op -> (min, max) of its strength; value = M/30 (max - min) + min (their augment_list).
+AUTHORS_RANGES = {"rotate": (0.0, 30.0), "color": (0.1, 1.9), "contrast": (0.1, 1.9), "brightness": (0.1, 1.9),
+                  "sharpness": (0.1, 1.9), "shear_x": (0.0, 0.3), "shear_y": (0.0, 0.3), "cutout": (0.0, 40.0),
+                  "translate_x": (0.0, 100.0), "translate_y": (0.0, 100.0)}
+AUTHORS_SIGNED = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")  # a random sign each time
+AUTHORS_PIXELS = ("cutout", "translate_x", "translate_y")  # absolute pixels of their 512 px slices
+AUTHORS_SIDE = 512
+AUTHORS_CUTOUT_FILL = (125, 123, 114)  # their cutout colour (gray input: its luminance)
+
+
+def authors_value(op: str, magnitude: int) -> float:
+    """The strength the seed team's RandAugment gives `op` at `magnitude` (fixed: no random draw)."""
+    low, high = AUTHORS_RANGES[op]
+    return float(magnitude) / MAX_MAGNITUDE * float(high - low) + low
+
+
+def authors_op(image: Image.Image, op: str, value: float, cutout_centre: tuple[float, float] = (0.0, 0.0)
+               ) -> Image.Image:
+    """One op of the seed team's RandAugment on a PIL image, `value` already signed and in this image's pixels."""
+    if op == "rotate":
+        return image.rotate(value)  # PIL's defaults, as theirs: nearest neighbour, black corners
+    if op in ("color", "contrast", "brightness", "sharpness"):
+        return getattr(ImageEnhance, op.capitalize())(image).enhance(value)
+    affine = {"shear_x": (1, value, 0, 0, 1, 0), "shear_y": (1, 0, 0, value, 1, 0),
+              "translate_x": (1, 0, value, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, value)}.get(op)
+    if affine is not None:
+        return image.transform(image.size, Image.AFFINE, affine)
+    if op == "cutout":
+        if value <= 0:
+            return image
+        x0, y0 = max(0, int(cutout_centre[0] - value / 2)), max(0, int(cutout_centre[1] - value / 2))
+        box = (x0, y0, min(image.width, x0 + value), min(image.height, y0 + value))
+        image = image.copy()
+        fill = AUTHORS_CUTOUT_FILL if image.mode == "RGB" else \
+            round(0.299 * AUTHORS_CUTOUT_FILL[0] + 0.587 * AUTHORS_CUTOUT_FILL[1] + 0.114 * AUTHORS_CUTOUT_FILL[2])
+        ImageDraw.Draw(image).rectangle(box, fill)
+        return image
+    raise ValueError(f"unknown op {op!r}: one of {', '.join(AUTHORS_RANGES)}")
+
+
+class AuthorsRandAugment(A.ImageOnlyTransform):
+    """The seed team's RandAugment (module docstring) on a uint8 (H, W, 1 or 3) image; its draws come from the
+    transform's random state (`SliceTransform.set_seed`), so a stream is reproducible."""
+
+    def __init__(self, n_ops: int = 2, magnitude: int = 15, ops: Sequence[str] = tuple(AUTHORS_RANGES),
+                 p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if not 0 <= magnitude <= MAX_MAGNITUDE:
+            raise ValueError(f"magnitude must be in 0..{MAX_MAGNITUDE} (RandAugment's M), got {magnitude}")
+        self.n_ops, self.magnitude, self.ops = n_ops, magnitude, tuple(ops)
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        image = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        scale = image.width / AUTHORS_SIDE
+        for op in self.py_random.choices(self.ops, k=self.n_ops):  # with replacement, as random.choices
+            if self.py_random.uniform(0, 1) <= 0.5:  # theirs: applied when a uniform draw is > 0.5
+                continue
+            value = authors_value(op, self.magnitude) * (scale if op in AUTHORS_PIXELS else 1.0)
+            if op in AUTHORS_SIGNED and self.py_random.random() < 0.5:
+                value = -value
+            centre = (self.py_random.uniform(1, image.width), self.py_random.uniform(1, image.height))
+            image = authors_op(image, op, value, centre)
+        out = np.asarray(image, dtype=np.uint8)
+        return out[:, :, None] if out.ndim == 2 else out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("n_ops", "magnitude", "ops")
 
 
 def _channel_stats(values: Sequence[float] | float | None, default: Sequence[float], channels: int,
@@ -175,30 +257,54 @@ def build_transform(
     magnitude: int = 9,
     grayscale: bool = True,
     seed: int | None = None,
+    style: str = "suite",
+    flips: bool = False,
 ) -> SliceTransform:
-    """The per-image transform: RandAugment (N=`n_ops`, M=`magnitude`) when `train`, else the identity; uint8 out.
+    """The per-image transform: RandAugment (N=`n_ops`, M=`magnitude`, this suite's or the seed team's `style`),
+    then, with `flips`, vertical and horizontal flips (p 0.5 each), when `train`; else the identity; uint8 out.
 
-    `grayscale` (input has R = G = B, as `utils.data.load_image` makes it) leaves the colour op out (a no-op on gray)
-    and works on one channel (see SliceTransform); `seed` fixes the augmentation stream. `channels` is checked only:
-    the Normalizer makes the model's channels.
+    `grayscale` (input has R = G = B, as `utils.data.load_image` makes it) leaves the colour op out of this suite's
+    list (a no-op on gray) and works on one channel (see SliceTransform); `seed` fixes the augmentation stream.
+    `channels` is checked only: the Normalizer makes the model's channels.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if style not in ("suite", "authors"):
+        raise ValueError(f"style must be 'suite' or 'authors', got {style!r}")
     augment = None
     if train:
-        ops = randaugment_ops(magnitude, grayscale=grayscale)
-        if not 0 <= n_ops <= len(ops):
-            raise ValueError(f"n_ops must be in 0..{len(ops)} (RandAugment's N), got {n_ops}")
-        if n_ops > 0:
-            augment = A.Compose([A.SomeOf(ops, n=n_ops, replace=False, p=1.0)])
+        steps: list[A.BasicTransform] = []
+        if style == "authors":
+            if n_ops > 0:
+                steps.append(AuthorsRandAugment(n_ops, magnitude))
+        else:
+            ops = randaugment_ops(magnitude, grayscale=grayscale)
+            if not 0 <= n_ops <= len(ops):
+                raise ValueError(f"n_ops must be in 0..{len(ops)} (RandAugment's N), got {n_ops}")
+            if n_ops > 0:
+                steps.append(A.SomeOf(ops, n=n_ops, replace=False, p=1.0))
+        if flips:  # after RandAugment, vertical first: the seed team's order
+            steps += [A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
+        if steps:
+            augment = A.Compose(steps)
     transform = SliceTransform(augment, gray_input=grayscale)
     if seed is not None:
         transform.set_seed(seed)
     return transform
 
 
+def training_transform(cfg: TrainConfig, seed: int | None = None) -> SliceTransform:
+    """A recipe's training transform: its RandAugment (randaug_n, randaug_m, randaug_style) and flips."""
+    return build_transform(train=True, channels=cfg.in_chans, n_ops=cfg.randaug_n, magnitude=cfg.randaug_m, seed=seed,
+                           style=cfg.randaug_style, flips=cfg.train_flips)
+
+
 def worker_init(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: reseed the dataset's augmentation from torch's per-worker seed."""
+    """DataLoader `worker_init_fn`: reseed the dataset's augmentation from torch's per-worker seed; and stop quietly
+    (utils.cli.worker_init: a forked loader worker would raise the run's `Terminated` on the SIGTERM that ends it)."""
+    from utils import cli  # the one place worker processes get their signal handling
+
+    cli.worker_init()
     info = torch.utils.data.get_worker_info()
     if info is None:
         return

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from utils import augment, data, files, losses, machine, models, phantoms, train
+from utils import augment, cli, data, files, losses, machine, models, phantoms, train
 from utils.config import AMP_DTYPES, COMPILE_MODES, TrainConfig, load_profile, pseudo_label_name
 
 N_TRAIN, N_VAL, N_FOLDS = 3054, 1301, 5  # the challenge's Train and Val slices; the paper's 5 folds
@@ -312,6 +312,7 @@ def _bare_step(model: nn.Module, forward: Callable, cfg: TrainConfig, images: to
 def _concurrent_worker(cfg: TrainConfig, threads: int, images: np.ndarray, targets: np.ndarray, steps: int,
                        warmup_steps: int, barrier: Any, results: Any, index: int) -> None:
     """One of K spawned processes: (a)'s step loop on its own model, timed between the others' barrier waits."""
+    cli.worker_init()  # Ctrl-C is the parent's (it stops these), and a SIGTERM from it ends this one quietly
     try:
         torch.set_num_threads(threads)
         device = machine.resolve_device(cfg.device)
@@ -451,8 +452,7 @@ def _split_counts(data_dir: str | Path | None) -> tuple[int, int]:
 
 
 def _train_transform(cfg: TrainConfig) -> augment.SliceTransform:
-    return augment.build_transform(train=True, channels=cfg.in_chans, n_ops=cfg.randaug_n, magnitude=cfg.randaug_m,
-                                   seed=cfg.seed)
+    return augment.training_transform(cfg, seed=cfg.seed)
 
 
 def _build_runner(cfg: TrainConfig, device: torch.device) -> train.StepRunner:

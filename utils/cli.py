@@ -37,6 +37,16 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def worker_init(*_: Any) -> None:
+    """The initializer of every worker process the project starts (multiprocessing pools, DataLoader workers, spawned
+    processes): a forked worker inherits `run`'s SIGTERM handler, so the pool's own exit (which stops its workers
+    with SIGTERM) printed a `Terminated` traceback per worker. Here SIGTERM ends a worker quietly (the default) and
+    Ctrl-C, sent by a terminal to the whole process group, is left to the parent, which stops its workers.
+    Takes and ignores any arguments (a DataLoader passes the worker's id)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def quiet_interrupt() -> None:
     """After Ctrl-C: the libraries' own shutdown chatter (Dask's closing comms) is nothing a user can act on."""
     logging.getLogger("distributed").setLevel(logging.CRITICAL)

@@ -72,10 +72,19 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 # torch.compile's modes for the training step (`compile: true` is "default"; "reduce-overhead" adds CUDA graphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUBMIT_SPLITS = ("Val", "Test")
+# How the ensemble rounds (utils.ensemble): none; once (the mean of everything, rounded half up); authors (each
+# checkpoint rounded half up, the mean over a fold's checkpoints truncated, the mean of those integers rounded half up:
+# the seed team's inference and combine scripts). true / false in a profile mean once / none.
+ROUNDINGS = ("none", "once", "authors")
 # Imbalanced-regression settings (utils.losses): LDS loss weights, and eq 2's loss on f2.
 LDS_MODES = ("none", "inverse", "sqrt_inverse")
 REGRESSION_LOSSES = ("smooth_l1", "balanced_mse")
 SELFSUP_METHODS = ("simclr", "simsiam", "byol")  # utils.selfsup
+# The paper's choices that its text leaves open and the seed team's code settles (docs/paper.md): what f2 (eq 2)
+# reads (utils.models), whose RandAugment (utils.augment), and SAM's BatchNorm updates (utils.sam).
+F2_INPUTS = ("probs", "logits")
+RANDAUG_STYLES = ("suite", "authors")
+SAM_BN_UPDATES = ("first", "both")
 NOTEBOOK_ROLES = ("train", "report")
 PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
@@ -92,6 +101,13 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """The one check of a categorical setting (head, pooling, optimizer, ...)."""
     if value not in choices:
         raise ConfigError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}", key=name)
+
+
+def rounding_rule(rounding: bool | str) -> str:
+    """A rounding setting as one of ROUNDINGS (true: once, false: none); a ConfigError for anything else."""
+    rule = {True: "once", False: "none"}.get(rounding, rounding)
+    check_choice("rounding", rule, ROUNDINGS)
+    return rule
 
 
 def check_plain_name(name: str, value: str) -> None:
@@ -186,6 +202,7 @@ class TrainConfig(Settings):
     arch: str = "resnest50d"  # any timm CNN
     head: str = "exp"  # reg | exp | ldl
     pooling: str = "hybrid"  # avg | hybrid | avgmax | catavgmax
+    f2_input: str = "probs"  # exp/ldl heads: f2 (eq 2) reads the softmax probabilities | the logits (seed code)
     in_chans: int = 3  # 1 (gray) or 3 (ImageNet weights)
     img_size: int = 512
     drop_rate: float = 0.0
@@ -197,6 +214,7 @@ class TrainConfig(Settings):
     momentum: float = 0.9
     weight_decay: float = 5e-3
     sam_rho: float = 0.05
+    sam_bn_update: str = "first"  # BatchNorm running statistics move on SAM's first pass | both (seed code)
     epochs: int = 50
     warmup_epochs: float = 2.0
     warmup_lr: float = 1e-5
@@ -212,6 +230,8 @@ class TrainConfig(Settings):
     ranksim_lambda: float = 2.0  # RankSim: the blackbox ranking gradient's interpolation strength
     randaug_n: int = 2  # RandAugment: ops per image
     randaug_m: int = 9  # RandAugment: magnitude 0..30
+    randaug_style: str = "suite"  # suite (utils.augment) | authors (the seed team's: fixed strength, p 0.5 each)
+    train_flips: bool = False  # random horizontal and vertical flips (p 0.5 each) in training (seed code)
     tta_hflip: bool = False  # average predictions with the h-flipped image
     folds: list[int] = field(default_factory=lambda: [0, 1])  # folds to train (of FoldSettings.n_folds)
     save_last_k: int = 5  # checkpoints of the last k epochs are kept and averaged
@@ -240,6 +260,9 @@ class TrainConfig(Settings):
         check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         check_choice("regression_loss", self.regression_loss, REGRESSION_LOSSES)
         check_choice("lds", self.lds, LDS_MODES)
+        check_choice("f2_input", self.f2_input, F2_INPUTS)
+        check_choice("sam_bn_update", self.sam_bn_update, SAM_BN_UPDATES)
+        check_choice("randaug_style", self.randaug_style, RANDAUG_STYLES)
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, COMPILE_MODES)
         _check_all([
@@ -252,8 +275,8 @@ class TrainConfig(Settings):
                                                                   f"({self.epochs})"),
             (0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"{self.warmup_epochs}: must be in [0, epochs)"),
             (self.lr > 0, "lr", f"{self.lr}: must be > 0"),
-            (self.warmup_lr > 0 and self.min_lr >= 0, "warmup_lr", f"{self.warmup_lr} / min_lr={self.min_lr}: "
-                                                                   "must be > 0 / >= 0"),
+            (self.warmup_lr >= 0 and self.min_lr >= 0, "warmup_lr", f"{self.warmup_lr} / min_lr={self.min_lr}: "
+                                                                    "must be >= 0 (0: the seed code's schedule)"),
             (0 <= self.momentum < 1, "momentum", f"{self.momentum}: must be in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay", f"{self.weight_decay}: must be >= 0"),
             (self.sam_rho >= 0, "sam_rho", f"{self.sam_rho}: must be >= 0"),
@@ -285,10 +308,12 @@ class TrainConfig(Settings):
             return "default"
         return self.compile or None
 
-    def save_yaml(self, path: str | Path) -> None:
+    def save_yaml(self, path: str | Path, record: bool = False) -> None:
+        """The recipe as YAML; `record`: with its integrity record (a fold's config.yaml: what predict rebuilds the
+        model from, so an edit is refused, never used)."""
         from utils import files
 
-        files.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        files.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False), record=record)
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> TrainConfig:
@@ -361,7 +386,10 @@ class FoldSettings(Settings):
 class EnsembleSettings(Settings):
     models: list[str] | None = None  # models to combine (None: every trained model; 04: the 03 ensemble)
     greedy_selection: bool = False  # choose models by forward selection on OOF MAE
-    rounding: bool = True  # round half up (the submission rule)
+    rounding: bool | str = True  # none | once (= true: one mean, rounded half up) | authors (ROUNDINGS)
+
+    def validate(self) -> None:
+        self.rounding = rounding_rule(self.rounding)  # one spelling from here on
 
 
 @dataclass
@@ -485,11 +513,48 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any], ch
                                           key="folds"), layers)
         trains.append(cfg)
     pseudo_names = profile.get("pseudo_label_models") or []
+    _check_model_names(profile, overrides, trains, pseudo_names)
     pseudo = [TrainConfig(**{**cfg.to_dict(), "model_name": pseudo_label_name(cfg.model_name),
                              "use_pseudo_labels": True}) for cfg in trains if cfg.model_name in pseudo_names]
+    ensemble = build(EnsembleSettings, shared, sources)
+    _check_ensemble_models(ensemble, trains + pseudo, sources)
     return {"train": trains, "pseudo": pseudo, "folds": fold_settings,
-            "ensemble": build(EnsembleSettings, shared, sources), "submit": build(SubmitSettings, shared, sources),
+            "ensemble": ensemble, "submit": build(SubmitSettings, shared, sources),
             "selfsup": build(SelfSupSettings, shared, sources), "explain": build(ExplainSettings, shared, sources)}
+
+
+def _check_ensemble_models(ensemble: EnsembleSettings, configs: list[TrainConfig],
+                           sources: list[tuple[str, Mapping[str, Any]]]) -> None:
+    """`models` (what 03/04 combine) names models of this run: an unknown one failed in 03, after every training."""
+    names = [cfg.model_name for cfg in configs]
+    unknown = [name for name in ensemble.models or [] if name not in names]
+    if unknown:
+        raise _attributed(ConfigError(f"models={ensemble.models}: {unknown[0]!r} is not a model of this run (its "
+                                      f"models: {', '.join(names)}); list some of those, or null for all",
+                                      key="models"), sources)
+
+
+def _check_model_names(profile: Mapping[str, Any], overrides: Mapping[str, Any], trains: list[TrainConfig],
+                       pseudo_names: list[str]) -> None:
+    """A model_name in -p (or params) applies to every model: refused when it gives several models one name (they
+    would share one folder: the run failed after a whole training) or renames a model of pseudo_label_models (its
+    retrain silently disappeared); and no retrain may take the name of another model."""
+    path, names = profile["path"], [cfg.model_name for cfg in trains]
+    entries = [model.get("model_name") for model in profile["models"]]
+    where = "-p model_name" if "model_name" in overrides else f"{path}: params: model_name"
+    fix = (f"name each model in its `models` entry (and in pseudo_label_models) of a copy of {path}, and run that "
+           "copy with --profile")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{where} {names[0]!r} gives all {len(names)} models of the profile one name "
+                          f"({', '.join(map(str, entries))}): each needs its own folder; {fix}", key="model_name")
+    orphans = [name for name in pseudo_names if name not in names]
+    if orphans:
+        raise ConfigError(f"{where} {names[0]!r} renames {orphans[0]!r}, which the profile's pseudo_label_models "
+                          f"retrains: the retrain would silently not run; {fix}", key="model_name")
+    taken = [name for name in pseudo_names if pseudo_label_name(name) in names]
+    if taken:
+        raise ConfigError(f"{path}: the pseudo-label retrain of {taken[0]!r} is named {pseudo_label_name(taken[0])!r}, "
+                          f"like another model of the profile: rename that model", key="model_name")
 
 
 PSEUDO_SUFFIX = "_pl"
@@ -525,6 +590,17 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+# Numbers as a user writes them: PyYAML follows YAML 1.1, whose floats need a dot, so 1e-3, 5E-3, 1e+2 and -.5 were
+# strings (then refused as "expected a number"). YAML 1.2's forms (Python's float() reads them) are added here; the
+# safe dumper learns them too, so that a string such as "1e3" is written quoted and reads back as a string.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$|^[-+]?\.[0-9][0-9_]*$")
+for _resolving in (_StrictLoader, yaml.SafeDumper):
+    _resolving.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+
+
+def parse_yaml_value(text: str) -> Any:
+    """One value as a settings file reads it (a -p VALUE): the same strict loader, numbers as a user writes them."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -561,6 +637,9 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     profile.setdefault("params", {})
     profile.setdefault("models", [])
     profile["pseudo_label_models"] = profile.get("pseudo_label_models") or []
+    if not isinstance(profile["pseudo_label_models"], list):  # a bare name would be read as its letters
+        raise ConfigError(f"{path}: pseudo_label_models must be a list of model names, e.g. "
+                          f"[{profile['pseudo_label_models']}]", key="pseudo_label_models")
     if not isinstance(profile["params"], dict) or not isinstance(profile["models"], list) or \
             not all(isinstance(m, dict) for m in profile["models"]):
         raise ConfigError(f"{path}: params must be a mapping and models a list of mappings")
@@ -588,6 +667,26 @@ class RunPaths:
 
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
+
+    # Every entry a run writes at its top level (the pipeline, the notebooks, utils.sweep, utils.selfsup's weights);
+    # ".lock": files.LOCK_FILE.
+    ENTRIES = frozenset({".lock", "run_config.yaml", "folds.csv", "cv_summary.csv", "figures", "models", "ensemble",
+                         "pseudo", "notebooks", "export", "selfsup"})
+
+    def foreign_entries(self) -> list[Path]:
+        """What the folder holds that no run writes (temporary files of killed writers aside): a user's files,
+        which nothing of this project may delete."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if p.name not in self.ENTRIES and not (p.name.startswith(".") and ".tmp-" in p.name))
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the folder is a run of this project: the pipeline's (run_config.yaml) or a notebook's (models/
+        with ensemble/, folds.csv or the run lock). What no export or --force may write over unasked."""
+        return (self.root / "run_config.yaml").is_file() or (self.models.is_dir() and any(
+            (self.root / name).exists() for name in ("ensemble", "folds.csv", ".lock")))
 
     @property
     def folds_csv(self) -> Path:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from utils import csvfiles, files
+from utils import cli, csvfiles, files
 from utils.csvfiles import IMAGE_EXTENSIONS  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,27 @@ def _image_files(folder: Path, warn: bool = False) -> list[Path]:
     return images
 
 
+def images_below(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other files) in `folder` and every folder below it, sorted: hidden files and folders (Jupyter's
+    `.ipynb_checkpoints`, macOS forks) are never slices and are not entered; symlinked folders are followed, each
+    real folder once (a link loop ends there)."""
+    images: list[Path] = []
+    others: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, subfolders, names in os.walk(folder, followlinks=True):
+        status = os.stat(top)
+        if (status.st_dev, status.st_ino) in seen:  # reached again through a link: walked already
+            subfolders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in names:
+            path = Path(top) / name
+            if not name.startswith(".") and path.is_file():
+                (images if is_image_file(path) else others).append(path)
+    return sorted(images), sorted(others)
+
+
 def _visible_subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -179,6 +200,29 @@ def find_labels_csv(split_dir: Path, split: str) -> Path | None:
             f"{split_dir}: several label CSVs ({', '.join(str(p) for p in found)}); pass labels_csv= to choose one"
         )
     return found[0] if found else None
+
+
+def _named_by_file(labels: pd.DataFrame, labels_path: Path, image_dir: Path) -> pd.DataFrame:
+    """Labels name slices by file name; a row that names a path (some tools write absolute ones) is taken by its
+    file name when the path lies in the images folder (relative paths: from the CSV's folder), else refused."""
+    paths = [name for name in labels["name"] if "/" in name]
+    if not paths:
+        return labels
+    images = image_dir.resolve()
+    renamed = {}
+    for name in paths:
+        path = Path(name)
+        path = path if path.is_absolute() else labels_path.parent / path
+        if path.parent.resolve() != images:
+            raise DataError(f"{labels_path}: {name!r} is a path outside the images folder {image_dir}: name each "
+                            f"slice by its file name (e.g. {path.name}), as the challenge's label files do")
+        renamed[name] = path.name
+    labels = labels.assign(name=labels["name"].map(lambda n: renamed.get(n, n)))
+    twice = labels["name"][labels["name"].duplicated()].tolist()
+    if twice:
+        raise DataError(f"{labels_path}: {twice[0]!r} is labelled twice (once by its path, once by its name): keep "
+                        "one row")
+    return labels
 
 
 def _first(names: Sequence[str], count: int = 5) -> str:
@@ -235,7 +279,7 @@ def load_split(
     if not files:
         raise DataError(f"{image_dir}: no .png/.jpg images; add the {canonical} slices")
     if labels_path is not None:
-        labels = read_labels(labels_path)
+        labels = _named_by_file(read_labels(labels_path), labels_path, image_dir)
         missing = [name for name in labels["name"] if name not in files]
         if missing:
             raise DataError(
@@ -377,7 +421,8 @@ def _iterate_decoded(paths: list[str], size: int, channels: int, num_workers: in
     import multiprocessing
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(num_workers) as pool:
+    # cli.worker_init: the pool's exit stops its workers with SIGTERM, quietly (no `Terminated` traceback)
+    with multiprocessing.get_context(method).Pool(num_workers, initializer=cli.worker_init) as pool:
         chunk = max(1, min(32, len(jobs) // (4 * num_workers)))
         yield from pool.imap(_decode_job, jobs, chunksize=chunk)  # imap keeps frame order
 

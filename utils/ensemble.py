@@ -5,6 +5,12 @@ Each trained fold leaves `predictions.csv` (split, name, epoch, prediction) for 
 2. Folds: "oof" rows come from the one fold that held the slice out; Val/Test rows are the mean over folds.
 3. Models: the mean over models, clipped to [0, 100], rounded half up (the seed's rule: 12.5 -> 13, not
    Python's banker's 12); rounding is switchable because the unrounded mean is what pseudo-labels want.
+
+Rounding rules (`rounding`, utils.config.ROUNDINGS): `once` rounds the one mean above; `none` keeps it; `authors` is
+the seed team's published code: each checkpoint's prediction rounded half up, a negative one to 0
+(inference_method_*.py); one model: the mean of its checkpoints' integers truncated by int() (its inference script);
+several: the mean of every checkpoint integer of every model, capped at 100 and rounded half up
+(combine_results.py). Checkpoints 2.4, 2.4, 2.7: once gives round(2.5) = 3, authors int(mean(2, 2, 3)) = 2.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from utils import csvfiles, files
-from utils.config import RunPaths
+from utils.config import RunPaths, rounding_rule
 from utils.metrics import class_balanced_mae, class_scores, score
 
 OOF = "oof"
@@ -59,15 +65,32 @@ def load_predictions(run_dir: str | Path, model_names: Iterable[str] | None = No
     return pd.concat(frames, ignore_index=True)
 
 
+def _authors_rounding(chosen: pd.DataFrame, index: pd.MultiIndex, n_models: int) -> np.ndarray:
+    """The seed team's ensemble value of each (split, name) of `index` (module docstring): every checkpoint integer
+    of every model weighs the same; one model's mean is truncated, several models' mean rounded half up."""
+    integers = chosen.pivot_table(index=["split", "name"], columns="model", values="authors").loc[index]
+    counts = chosen.pivot_table(index=["split", "name"], columns="model", values="checkpoints").loc[index]
+    mean = np.clip(((integers * counts).sum(axis=1) / counts.sum(axis=1)).to_numpy(np.float64), 0.0, 100.0)
+    return np.trunc(mean) if n_models == 1 else round_half_up(mean)
+
+
 def average_checkpoints_and_folds(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One prediction per (model, split, name): the mean over kept epochs, then over folds (OOF: its one fold)."""
-    per_fold = predictions.groupby(["model", "split", "name", "fold"], as_index=False)["prediction"].mean()
-    return per_fold.groupby(["model", "split", "name"], as_index=False).agg(
+    """One prediction per (model, split, name): the mean over kept epochs, then over folds (OOF: its one fold).
+    Also what the `authors` rounding combines: `authors`, the mean of the seed team's checkpoint integers (each
+    checkpoint rounded half up, a negative one to 0) over all the model's checkpoints, and their number."""
+    rounded = predictions.assign(authors=round_half_up(np.maximum(predictions["prediction"], 0.0)))
+    per_fold = rounded.groupby(["model", "split", "name", "fold"], as_index=False)["prediction"].mean()
+    per_model = per_fold.groupby(["model", "split", "name"], as_index=False).agg(
         prediction=("prediction", "mean"), n_folds=("fold", "nunique"))
+    integers = rounded.groupby(["model", "split", "name"], as_index=False).agg(
+        authors=("authors", "mean"), checkpoints=("authors", "size"))
+    return per_model.merge(integers, on=["model", "split", "name"], validate="1:1")
 
 
-def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None, rounding: bool = True) -> pd.DataFrame:
-    """The ensemble: mean over models, clipped to [0, 100], rounded half up when `rounding`.
+def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None, rounding: bool | str = True
+                   ) -> pd.DataFrame:
+    """The ensemble: mean over models, clipped to [0, 100], rounded half up unless `rounding` is false / "none"
+    ("authors": from the seed team's checkpoint integers, module docstring).
 
     Only slices that every chosen model predicted are kept (OOF coverage differs when models trained other folds).
     """
@@ -79,13 +102,16 @@ def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None,
     if not np.isfinite(chosen["prediction"].to_numpy(np.float64)).all():
         raise EnsembleError("NaN or infinite predictions cannot be averaged into an ensemble (a diverged training): "
                             "rerun the run with a lower lr and --force")
+    rule = rounding_rule(rounding)
     wide = chosen.pivot_table(index=["split", "name"], columns="model", values="prediction").dropna()
     if wide.empty:
         raise EnsembleError(f"the models {models} predicted no slice in common: nothing to ensemble (did they train "
                             "on other folds, or on other data?)")
     values = np.clip(wide.mean(axis=1).to_numpy(), 0.0, 100.0)
-    if rounding:
+    if rule == "once":
         values = round_half_up(values)
+    elif rule == "authors":
+        values = _authors_rounding(chosen, wide.index, len(models))
     return pd.DataFrame({"split": wide.index.get_level_values("split"), "name": wide.index.get_level_values("name"),
                          "prediction": values}).reset_index(drop=True)
 
@@ -149,15 +175,23 @@ def greedy_selection(per_model: pd.DataFrame, truth: pd.DataFrame, max_models: i
     return chosen
 
 
-def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence[str], stem: str = "ensemble") -> Path:
-    """Save the ensemble's predictions (split, name, prediction) and the models it averaged; the model list last:
-    it marks the ensemble finished (utils.predict, 04), so a kill between the two never leaves a stale csv behind it."""
+def write_ensemble(combined: pd.DataFrame, out_dir: str | Path, models: Sequence[str], stem: str = "ensemble",
+                   rounding: bool | str = True) -> Path:
+    """Save the ensemble's predictions (split, name, prediction), its rounding rule (what utils.predict repeats) and
+    the models it averaged; the model list last: it marks the ensemble finished (utils.predict, 04), so a kill
+    between them never leaves a stale csv behind it."""
     out_dir = Path(out_dir)
     if combined.empty or not np.isfinite(combined["prediction"].to_numpy(np.float64)).all():
         raise EnsembleError(f"refusing to write {out_dir / stem}.csv: the ensemble has no slices or non-finite values")
-    csvfiles.write_frame(out_dir / f"{stem}.csv", combined)
-    files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n")
+    csvfiles.write_frame(out_dir / f"{stem}.csv", combined, record=True)
+    files.write_text(out_dir / f"{stem}_rounding.txt", rounding_rule(rounding) + "\n", record=True)
+    files.write_text(out_dir / f"{stem}_models.txt", "\n".join(models) + "\n", record=True)
     return out_dir / f"{stem}.csv"
+
+
+# What a changed or damaged file of a run's ensemble/ folder calls for.
+ENSEMBLE_WAY_OUT = "rerun the notebook that wrote it (03_ensemble, or 04_pseudo_label for final_*): ./run_all.sh " \
+                   "--name <run> resumes the run and rewrites it"
 
 
 def calibration_name(stem: str = "ensemble") -> str:
@@ -174,11 +208,23 @@ def write_calibration(per_model: pd.DataFrame, models: Sequence[str], truth: pd.
     if oof.empty:
         return None
     combined = combine_models(oof, models, rounding=False).merge(truth[["name", "percentage"]], on="name")
-    return csvfiles.write_frame(Path(out_dir) / calibration_name(stem), combined[["prediction", "percentage"]])
+    return csvfiles.write_frame(Path(out_dir) / calibration_name(stem), combined[["prediction", "percentage"]],
+                                record=True)
+
+
+def read_ensemble_rounding(out_dir: str | Path, stem: str = "ensemble") -> str:
+    """The rounding rule the ensemble was written with ("once" for a run written before the rule was recorded)."""
+    path = Path(out_dir) / f"{stem}_rounding.txt"
+    if not path.is_file():
+        return "once"
+    files.verify(path, ENSEMBLE_WAY_OUT)
+    return rounding_rule(path.read_text().strip())
 
 
 def read_ensemble_models(out_dir: str | Path, stem: str = "ensemble") -> list[str]:
     path = Path(out_dir) / f"{stem}_models.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run notebooks/03_ensemble.ipynb first")
+    # an edited model list would change every prediction without a word
+    files.verify(path, ENSEMBLE_WAY_OUT, older_ok=True)
     return [line for line in path.read_text().splitlines() if line]

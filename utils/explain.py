@@ -62,6 +62,41 @@ def last_stage(model: nn.Module) -> nn.Module:
     return backbone.get_submodule(name)
 
 
+def cannot_localise(models: Sequence[predict.EnsembleModel]) -> str | None:
+    """Why these models' saliency maps cannot localise (the first model whose last feature map is 1x1: Grad-CAM
+    upsamples that map, and grad-cam normalises a 1x1 one to 0 everywhere), naming its size and the size that can;
+    None when every model can."""
+    for model in models:
+        reason = _one_by_one(model)
+        if reason:
+            return reason
+    return None
+
+
+def _one_by_one(model: predict.EnsembleModel) -> str | None:
+    cfg = model.config
+    net = train.build_model_for(TrainConfig(**{**cfg.to_dict(), "device": "cpu"}), torch.device("cpu"),
+                                for_checkpoint=True).eval()
+    shape = {}
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:  # None: the output unchanged
+        shape["hw"] = tuple(output.shape[-2:])
+
+    hook = last_stage(net).register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size))
+    finally:
+        hook.remove()
+    height, width = shape["hw"]
+    if height * width > 1:
+        return None
+    reduction = int(net.backbone.feature_info[-1].get("reduction", cfg.img_size))
+    return (f"model {model.name} sees {cfg.img_size} px and its last feature map ({cfg.arch}, stride {reduction}) is "
+            f"{height}x{width}: a saliency map cannot localise there (it would be 0 everywhere); explain a model "
+            f"trained at img_size >= {2 * reduction} (a 2x2 map or more)")
+
+
 def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: str = "auto",
              progress: bool = True) -> list[np.ndarray]:
     """The ensemble's Grad-CAM map of each image of `frame` (name, path), at the image's own size."""
@@ -70,6 +105,9 @@ def heatmaps(models: list[predict.EnsembleModel], frame: pd.DataFrame, device: s
 
     if frame.empty:
         return []
+    reason = cannot_localise(models)  # before any image is decoded
+    if reason:
+        raise ExplainError(reason)
     sizes = [data.load_gray(path).shape for path in frame["path"]]  # every map at its image's own size
     sums = [np.zeros(size, dtype=np.float64) for size in sizes]
     count = 0
@@ -155,10 +193,12 @@ def explain_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.P
     predictions (name, path, prediction[, low, high])."""
     import matplotlib.pyplot as plt
 
+    models = predict.load_ensemble(run_or_export)
+    if level is not None:
+        predict.load_calibration(run_or_export)  # a missing calibration is refused before the maps are made
+    maps = heatmaps(models, predict.find_images(inputs), device, progress)  # first: a refusal comes before the work
     rows = predict.predict_images(run_or_export, inputs, rounding=True, device=device, progress=progress,
                                   level=level)
-    models = predict.load_ensemble(run_or_export)
-    maps = heatmaps(models, rows[["name", "path"]], device, progress)
     with files.atomic_path(out) as folder:
         folder.mkdir()
         for stem, (_, row), heatmap in zip(output_stems(list(rows["name"])), rows.iterrows(), maps):
@@ -232,7 +272,8 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
     maps = []
     for fold, group in picked.groupby("fold", sort=False):
         fold_dir = paths.fold(model, fold)
-        cfg = TrainConfig.load_yaml(fold_dir / "config.yaml")
+        cfg = TrainConfig.load_yaml(files.verify(fold_dir / "config.yaml", train.fold_way_out(fold_dir),
+                                                 older_ok=True))
         weights = {fold: [train.checkpoint_path(fold_dir, e) for e in train.kept_epochs(cfg)]}
         ensemble_model = predict.EnsembleModel(cfg, weights, train.fold_way_out(fold_dir))
         for (_, row), heatmap in zip(group.iterrows(), heatmaps([ensemble_model], group[["name", "path"]],
@@ -284,6 +325,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     machine.check_device(args.device, "--device")
+    if args.interval:
+        intervals.check_level(args.interval)
     scans = read_scans(args.scans) if args.scans else None
     if Path(args.out).exists():
         raise predict.PredictError(f"--out {args.out} exists: give a new folder (it is written whole or not at all)")

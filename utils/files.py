@@ -269,15 +269,20 @@ def _accepted(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return ([entry] if "sha256" in entry else []) + list(entry.get("pending", []))
 
 
-def verify(path: str | os.PathLike, way_out: str) -> Path:
+def verify(path: str | os.PathLike, way_out: str, older_ok: bool = False) -> Path:
     """Check `path` against its record; IntegrityError names the file and `way_out` on any difference.
 
-    A folder without integrity.json (written before records existed, or by hand) is not checked."""
+    A folder without integrity.json (written before records existed, or by hand) is not checked; `older_ok`: nor is
+    a file that an older version wrote without a record next to recorded ones (a warning says so)."""
     path = Path(path)
     records = _records(path.parent)
     if not records:
         return path
     entry = records.get(path.name)
+    if entry is None and older_ok:
+        log.warning("%s has no integrity record (written by an older version of this suite): it cannot be checked "
+                    "for edits; %s to have it recorded", path, way_out)
+        return path
     if entry is None:
         raise IntegrityError(f"{path} has no integrity record in {path.parent / INTEGRITY_FILE}: it was not written "
                              f"by this run; {way_out}")

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from utils import csvfiles, files
+from utils import cli, csvfiles, files
 from utils.machine import usable_cores
 
 FORMAT_VERSION = 1
@@ -519,7 +519,8 @@ def _parameters(
 
 def _reusable_set(out: Path, parameters: dict, force: bool) -> dict | None:
     """The summary of the complete set at `out` if it was made with `parameters` (and not `force`): reuse it. None
-    when `out` is to be written (absent, empty (removed here), or `force`); otherwise FileExistsError."""
+    when `out` is to be written (absent, empty (removed here), or a phantom set and `force`); otherwise
+    FileExistsError. A folder that is not a phantom set is never replaced, `force` or not: it is someone's."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder holds nothing to lose: fill it
     if not out.exists():
@@ -528,9 +529,12 @@ def _reusable_set(out: Path, parameters: dict, force: bool) -> dict | None:
     existing = json.loads(manifest.read_text()) if manifest.is_file() else None
     if existing is not None and existing["parameters"] == parameters and not force:
         return existing
+    if existing is None:
+        raise FileExistsError(f"{out} exists and is not a phantom set (no {MANIFEST}): it is not this project's to "
+                              f"replace; give a new folder, or move it away yourself")
     if not force:
-        what = "a phantom set with other parameters" if existing else "not a complete phantom set"
-        raise FileExistsError(f"{out} exists and is {what}; pass force=True (--force) to replace it")
+        raise FileExistsError(f"{out} exists and is a phantom set with other parameters; pass force=True (--force) "
+                              "to replace it")
     return None
 
 
@@ -545,7 +549,8 @@ def _render_slices(
         import multiprocessing
 
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        # cli.worker_init: the pool's exit stops its workers with SIGTERM, quietly (no `Terminated` traceback)
+        with multiprocessing.get_context(method).Pool(workers, initializer=cli.worker_init) as pool:
             labels = dict(pool.imap_unordered(_render_job, jobs, chunksize=4))
     else:
         labels = dict(map(_render_job, jobs))

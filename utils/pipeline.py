@@ -48,8 +48,11 @@ from utils.config import (
     REPO_ROOT,
     WORKDIR_ENV,
     ConfigError,
+    RunPaths,
     TrainConfig,
+    default_data_dir,
     load_profile,
+    parse_yaml_value,
     workdir,
 )
 
@@ -107,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"(default: ${jobs.SCHEDULER_ENV}, else a local cluster)")
     add("--kernel", default=None, help=f"Jupyter kernel (default: {KERNEL_NAME} if registered, else python3)")
     add("--stages", default=",".join(STAGES), help="comma-separated subset of stages to run (debugging)")
+    add("--dry-run", action="store_true", help="check every setting and what the machine must offer, print the plan, "
+        "and stop: nothing is trained or written")
     args = parser.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
@@ -141,7 +146,7 @@ def parse_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
         if key in values:
             raise ConfigError(f"-p {key} is given twice ({values[key]!r} and {text!r}): keep one", key=key)
         try:
-            values[key] = yaml.safe_load(text)
+            values[key] = parse_yaml_value(text)  # as a profile reads it: 1e-3 is a number there and here
         except yaml.YAMLError:
             raise ConfigError(f"-p {key} {text!r}: not a YAML value (quote strings, write lists as [0,1])") from None
     return values
@@ -154,11 +159,16 @@ def declared_parameters(notebook: Path) -> set[str]:
 
 
 def choose_kernel(requested: str | None) -> str:
-    if requested:
-        return requested
+    """--kernel, checked before anything runs (papermill's NoSuchKernel came at 00, after the phantom set was made);
+    by default percovid where registered, else python3."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
+    known = KernelSpecManager().find_kernel_specs()
+    if requested and requested not in known:
+        raise PipelineError(f"--kernel {requested}: no such Jupyter kernel here (known: {', '.join(sorted(known))}); "
+                            f"choose one of those, or register it (python -m ipykernel install --user --name "
+                            f"{requested})")
+    return requested or (KERNEL_NAME if KERNEL_NAME in known else "python3")
 
 
 def plan(run: runs.Run, submission_csv: Path, stages: Sequence[str]) -> list[Step]:
@@ -219,8 +229,99 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
             runner.jobs = most
 
 
+def check_weights(run: runs.Run, runner: jobs.Runner) -> None:
+    """Before 00: the weights each model starts from can be had (utils.models.check_weights: a pretrained_file
+    read as data only and fitting its arch; `pretrained: true`: in the local cache, or the hub answers at once), not
+    after 00 and 01 and a minute of hub retries. Weights the run's own pretraining writes are not there yet; an
+    external scheduler's workers have their own cache (their jobs check the same way, in one line)."""
+    if runner.scheduler is None:
+        from utils import models
+
+        models.check_model_weights(run.train + run.pseudo, made=set(run.pretrainings))
+
+
+def check_subjects(run: runs.Run) -> None:
+    """Before 00: the Train labels (utils.data's reader) have subjects for the folds (01 groups them by subject).
+    The phantom set, made at the run's start, has enough."""
+    from utils import data
+
+    folder = Path(run.paths.data_dir)
+    if folder == default_data_dir() and not (folder / "Train").is_dir():
+        return
+    try:
+        frame = data.load_split(folder, "Train", require_labels=True)
+        labels = data.find_labels_csv(data.find_split_dir(folder, "Train"), "Train")
+    except data.DataError as error:
+        raise PipelineError(str(error)) from None
+    problem = subjects_problem(str(labels), frame, run.settings["folds"].n_folds, "-p n_folds")
+    if problem:
+        raise PipelineError(problem)
+
+
+def subjects_problem(labels: str, frame: Any, n_folds: int, option: str) -> str | None:
+    """Why the Train rows (`frame`: name, subject) cannot make `n_folds` subject-grouped folds, or None; `option`
+    is the command line's way to set n_folds (the pipeline's `-p n_folds`, the sweep's `--n-folds`)."""
+    subjects = frame["subject"].dropna().nunique()
+    unknown = frame.loc[frame["subject"].isna(), "name"].tolist()
+    if unknown:
+        return (f"{labels}: {len(unknown)} slice(s) have no subject id ({', '.join(unknown[:3])}): folds are "
+                "grouped by subject; write each row as name,percentage,subject")
+    if subjects < 2:
+        return (f"{labels}: {subjects} subject(s); cross-validation needs at least 2 subjects (2 <= n_folds <= "
+                "subjects, each fold holds out whole subjects): add the slices of more subjects (CT scans)")
+    if n_folds > subjects:
+        return (f"n_folds={n_folds}: {labels} has {subjects} subjects, fewer than the folds (each fold holds out "
+                f"whole subjects): use {option} {subjects} or fewer (n_folds <= subjects), and folds within it")
+    return None
+
+
+def check_writable(folders: Sequence[Path]) -> None:
+    """Before 00: every folder the run writes can be written (a read-only one failed at its first write: the kernel
+    install, or 05 after the whole training). Root ignores permission bits, so a file is really created and removed,
+    in each folder or, where it does not exist yet, in its nearest existing parent."""
+    probed: set[Path] = set()
+    for folder in folders:
+        parent = folder
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent in probed:
+            continue
+        probed.add(parent)
+        probe = files.temp_path(parent / "write-check")  # the debris pattern: removed by a later run if left
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
+        except OSError as error:
+            what = f"{folder} is not writable" if parent == folder else \
+                f"{folder} cannot be made ({parent} is not writable)"
+            raise PipelineError(f"{what}: {error.strerror}; the run writes its outputs there: make it writable, or "
+                                "pass --workdir DIR (a writable folder: every output goes under it)") from None
+
+
+def output_folders(run: runs.Run, root: Path, submission_csv: Path, stages: Sequence[str]) -> list[Path]:
+    """The folders a run writes: the workdir, runs/<name>, data/cache, submissions/ (when 05 runs), and the phantom
+    set when it is to be made."""
+    folders = [root, Path(run.paths.run_dir), Path(run.paths.cache_dir)]
+    if "05_submit" in stages:
+        folders.append(submission_csv.parent)
+    data_dir = Path(run.paths.data_dir)
+    if data_dir == default_data_dir() and not (data_dir / "Train").is_dir():
+        folders.append(data_dir)
+    return folders
+
+
+def check_force(run_dir: Path, force: bool) -> None:
+    """Before the lock: --force deletes a run's own outputs only; a folder that holds anything a run does not write
+    is refused (it is someone's, not this project's to delete)."""
+    foreign = RunPaths(run_dir).foreign_entries() if force else []
+    if foreign:
+        raise PipelineError(f"--force would delete {foreign[0]}, which no run writes: nothing but a run's own "
+                            f"outputs is deleted; move it out of {run_dir}, or choose another --name")
+
+
 def _start_run_folder(run_dir: Path, force: bool, submission_csv: Path) -> None:
-    """With the lock held: --force empties the run folder (all but the lock) and removes the run's submission."""
+    """With the lock held: --force empties the run folder (all but the lock) and removes the run's submission
+    (check_force said before the lock that it holds nothing but a run's own outputs)."""
     if force:
         log.info("--force: removing the contents of %s", run_dir)
         for child in run_dir.iterdir():
@@ -230,24 +331,48 @@ def _start_run_folder(run_dir: Path, force: bool, submission_csv: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+# What jupyter_client's KernelClient.wait_for_ready raises (a RuntimeError, through nbclient and papermill) when the
+# kernel dies or stays silent before its first reply: no cell has run. The usual cause is a port taken between its
+# choice and the kernel's bind by another process starting kernels (two pipelines on one machine: the kernel dies of
+# `ZMQError: Address already in use`); a new kernel picks new ports.
+KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Kernel didn't respond")
+
+
+def _kernel_died_at_start(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and str(error).startswith(KERNEL_START_FAILURES)
+
+
 def _run_notebook(step: Step, run_dir: Path, declared: set[str], kernel: str) -> None:
     import papermill
 
     output = run_dir / "notebooks" / f"{step.output}.ipynb"
     chosen = {k: v for k, v in step.parameters.items() if k in declared}
     with _signals_kept() as received:
-        try:
-            papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"), str(output),
-                                       parameters=chosen, kernel_name=kernel, cwd=str(NOTEBOOKS_DIR),
-                                       progress_bar=sys.stderr.isatty(), log_output=True,
-                                       extra_arguments=KERNEL_ARGUMENTS)
-        except Exception as error:
-            if received:  # the kernel shut down under a Ctrl-C or SIGTERM: that is the news, not the cell's error
+        for attempt in (1, 2):
+            try:
+                papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"), str(output),
+                                           parameters=chosen, kernel_name=kernel, cwd=str(NOTEBOOKS_DIR),
+                                           progress_bar=sys.stderr.isatty(), log_output=True,
+                                           extra_arguments=KERNEL_ARGUMENTS)
                 return
-            if isinstance(error, papermill.PapermillExecutionError):
-                raise PipelineError(f"notebook {step.notebook} failed: {error.ename}: {error.evalue}\n"
-                                    f"executed copy with the traceback: {output}") from None
-            raise
+            except Exception as error:
+                if received:  # the kernel shut down under a Ctrl-C or SIGTERM: that is the news, not the cell's error
+                    return
+                if isinstance(error, papermill.PapermillExecutionError):
+                    raise PipelineError(f"notebook {step.notebook} failed: {error.ename}: {error.evalue}\n"
+                                        f"executed copy with the traceback: {output}") from None
+                if not _kernel_died_at_start(error):
+                    raise
+                if attempt == 1:  # no cell ran: starting a kernel again costs seconds and loses nothing
+                    log.warning("the %s kernel of notebook %s died at start (%s); starting it once more", kernel,
+                                step.notebook, error)
+                    continue
+                raise PipelineError(
+                    f"notebook {step.notebook}: its kernel ({kernel}) died at start twice ({error}); likely cause: "
+                    "another process took its port (another pipeline starting kernels on this machine) or the "
+                    "kernel itself is broken; the fix: run the same command again (finished work is reused), and "
+                    f"if it dies again, see why with `jupyter kernelspec list` and `python -m ipykernel` of that "
+                    f"kernel") from None
 
 
 @contextlib.contextmanager
@@ -309,6 +434,15 @@ def _run(args: argparse.Namespace) -> Path | None:
     recipe = runs.resolve(profile, parse_overrides(args.param), args.data, run_dir, root / "data" / "cache")
     runner = jobs.Runner(scheduler=args.scheduler, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu, keep_cluster=True)
     check_machine(recipe, runner)
+    check_writable(output_folders(recipe, root, submission_csv, args.stages.split(",")))
+    check_subjects(recipe)
+    check_weights(recipe, runner)
+    check_force(run_dir, args.force)
+    if args.dry_run:
+        for step in plan(recipe, submission_csv, args.stages.split(",")):
+            print(step.title)
+        print(f"dry run of {profile['path']}: every setting checked, nothing run or written")
+        return None
     kernel = choose_kernel(args.kernel)
     with files.RunLock(run_dir):
         try:

@@ -6,12 +6,14 @@
 
 Prediction is the run's final ensemble exactly as 03-05 combine it (utils.ensemble's functions, in the same order):
 every kept checkpoint predicts every image (with its model's h-flip TTA), the mean over a fold's checkpoints, the
-mean over folds, the mean over models, clipped to [0, 100] and rounded half up (`--no-round`: the unrounded mean).
+mean over folds, the mean over models, clipped to [0, 100] and rounded by the run's rule (`rounding`: half up once,
+or the seed team's way; `--no-round`: the unrounded mean).
 The models are the final ensemble of the run (`ensemble/final_models.txt`, with the pseudo-label retrains, else
 `ensemble/ensemble_models.txt`). Images: files or folders (searched recursively) of PNG/JPEG slices of any size and
 mode, decoded by utils.data's reader at each model's size. Output: `name,prediction` rows sorted by name, no header,
-numbers written as in the submission (the challenge's format); when two images share a name, a third column holds
-each one's path. Written atomically once everything is predicted: a failure leaves no output.
+numbers written as in the submission (the challenge's format); two images with one name are refused, naming both
+(hidden files and folders such as `.ipynb_checkpoints` are skipped, symlinked folders followed). Written atomically
+once everything is predicted: a failure leaves no output.
 
 The export (`runs/<name>/export/`, written by 05_submit) holds what prediction needs and nothing else: every model's
 config and kept checkpoints (hard links to the run's files where the file system allows, else copies), and
@@ -93,7 +95,18 @@ def load_calibration(run_or_export: str | os.PathLike) -> intervals.Calibration:
         way_out = "copy the export again, or export the run again"
         return intervals.Calibration.load(files.check_entry(path / manifest["calibration"],
                                                             manifest["files"][manifest["calibration"]], way_out))
-    return intervals.Calibration.load(RunPaths(path).ensemble / ensemble.calibration_name(_final_stem(path)))
+    calibration = RunPaths(path).ensemble / ensemble.calibration_name(_final_stem(path))
+    if calibration.is_file():
+        files.verify(calibration, ensemble.ENSEMBLE_WAY_OUT, older_ok=True)
+    return intervals.Calibration.load(calibration)
+
+
+def ensemble_rounding(run_or_export: str | os.PathLike) -> str:
+    """The rounding rule the run's final ensemble was written with (utils.config.ROUNDINGS)."""
+    path = Path(run_or_export)
+    if (path / MANIFEST).is_file():
+        return ensemble.rounding_rule(read_manifest(path)["ensemble"].get("rounding", "once"))
+    return ensemble.read_ensemble_rounding(RunPaths(path).ensemble, _final_stem(path))
 
 
 def final_models(run_dir: str | os.PathLike) -> list[str]:
@@ -109,9 +122,11 @@ def _from_run(run_dir: Path) -> list[EnsembleModel]:
         for model_name, fold, predictions_csv in paths.fold_files("predictions.csv"):
             if model_name == name:
                 fold_dir = predictions_csv.parent
-                files.verify_folder(fold_dir, f"rerun that fold (delete {fold_dir}) or the run with --force")
+                way_out = f"rerun that fold (delete {fold_dir}) or the run with --force"
+                files.verify_folder(fold_dir, way_out)
                 ensemble.read_predictions(predictions_csv)  # a diverged fold (NaN predictions) is never exported
-                config = TrainConfig.load_yaml(fold_dir / "config.yaml")
+                # the recipe the model is rebuilt from: an edited one would predict otherwise, without a word
+                config = TrainConfig.load_yaml(files.verify(fold_dir / "config.yaml", way_out, older_ok=True))
                 weights[fold] = [train.checkpoint_path(fold_dir, epoch) for epoch in train.kept_epochs(config)]
         if config is None:
             raise PredictError(f"model {name} of the ensemble of {run_dir} has no finished fold: rerun the pipeline")
@@ -183,24 +198,31 @@ def load_ensemble(run_or_export: str | os.PathLike) -> list[EnsembleModel]:
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """name, path of every image among `inputs` (files, or folders searched recursively), sorted by name then path."""
-    rows = []
+    """name, path of every image among `inputs` (files, or folders searched recursively: hidden files and folders
+    skipped, symlinked folders followed), sorted by name. A name is a row of the output: two images with one name
+    (the same slice in two folders) are a PredictError naming both paths."""
+    found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            entries = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-            found = [p for p in entries if data.is_image_file(p)]
-            data.warn_skipped(item, [p for p in entries if not data.is_image_file(p)])
-            if not found:
-                raise PredictError(f"{item}: no .png/.jpg/.jpeg images in it or below it; point at the slices")
-            data.check_image_names(found)
-            rows += [(p.name, str(p.absolute())) for p in found]
+            images, others = data.images_below(item)
+            data.warn_skipped(item, others)
+            if not images:
+                raise PredictError(f"{item}: no .png/.jpg/.jpeg images in it or below it (hidden folders such as "
+                                   f".ipynb_checkpoints are skipped); point at the slices")
+            found += images
         elif item.is_file():
-            data.check_image_names([item])
-            rows.append((item.name, str(item.absolute())))
+            found.append(item)
         else:
             raise PredictError(f"{item}: no such file or folder")
-    frame = pd.DataFrame(rows, columns=["name", "path"]).drop_duplicates("path")
-    return frame.sort_values(["name", "path"], kind="stable").reset_index(drop=True)
+    data.check_image_names(found)
+    frame = pd.DataFrame({"name": [p.name for p in found], "path": [str(p.absolute()) for p in found]})
+    frame = frame.drop_duplicates("path").sort_values(["name", "path"], kind="stable").reset_index(drop=True)
+    twice = frame[frame["name"].duplicated(keep=False)]
+    if not twice.empty:
+        first, second = twice["path"].iloc[:2]
+        raise PredictError(f"two images are named {twice['name'].iloc[0]!r} ({first} and {second}): the output has "
+                           f"one row per name; predict the folders one at a time, or rename one")
+    return frame
 
 
 def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, device: str = "auto",
@@ -225,14 +247,15 @@ def checkpoint_predictions(models: list[EnsembleModel], frame: pd.DataFrame, dev
                         train.predict(net, decoded[key], cfg, torch_device, batch_size=batch_size, progress=progress),
                         f"{path}", "these weights are broken (a diverged training): retrain with a lower lr")
                     frames.append(pd.DataFrame({"model": model.name, "fold": fold, "split": SPLIT,
-                                                "name": frame["key"], "epoch": epoch, "prediction": values}))
+                                                "name": frame["name"], "epoch": epoch, "prediction": values}))
     return pd.concat(frames, ignore_index=True)
 
 
 def predict_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.PathLike], rounding: bool = True,
                    device: str = "auto", batch_size: int | None = None, workers: int = 0,
                    progress: bool = True, level: float | None = None) -> pd.DataFrame:
-    """name, path, prediction of every image of `inputs` by the ensemble of a run or export (module docstring);
+    """name, path, prediction of every image of `inputs` by the ensemble of a run or export (module docstring),
+    rounded as the run's ensemble rounds (`rounding=False`: the unrounded mean);
     with `level`, also `low` and `high`: the conformal interval of that coverage around the unrounded prediction
     (utils.intervals, calibrated on the run's out-of-fold residuals)."""
     models = load_ensemble(run_or_export)
@@ -240,30 +263,26 @@ def predict_images(run_or_export: str | os.PathLike, inputs: Sequence[str | os.P
     if level is not None:
         intervals.check_level(level)
     frame = find_images(inputs)
-    frame["key"] = frame["path"] if frame["name"].duplicated(keep=False).any() else frame["name"]
     predictions = checkpoint_predictions(models, frame, device, batch_size, workers, progress)
     per_model = ensemble.average_checkpoints_and_folds(predictions)
     names = [m.name for m in models]
-    combined = ensemble.combine_models(per_model, names, rounding=rounding)
-    out = frame.merge(combined[["name", "prediction"]].rename(columns={"name": "key"}), on="key", validate="1:1")
+    combined = ensemble.combine_models(per_model, names, rounding=ensemble_rounding(run_or_export) if rounding
+                                       else "none")
+    out = frame.merge(combined[["name", "prediction"]], on="name", validate="1:1")
     columns = ["name", "path", "prediction"]
     if calibration is not None:
         unrounded = ensemble.combine_models(per_model, names, rounding=False).set_index("name")["prediction"]
-        out["low"], out["high"] = calibration.intervals(unrounded.loc[out["key"]].to_numpy(), level)
+        out["low"], out["high"] = calibration.intervals(unrounded.loc[out["name"]].to_numpy(), level)
         columns += ["low", "high"]
     return out[columns]
 
 
 def format_predictions(rows: pd.DataFrame) -> str:
-    """The submission format (`name,prediction`, no header), then `low,high` when intervals were asked for; a path
-    column last when names clash."""
-    if not rows["name"].duplicated().any() and "low" not in rows:
+    """The submission format (`name,prediction`, no header), then `low,high` when intervals were asked for."""
+    if "low" not in rows:
         return submission.format_submission(rows)
-    extra = [c for c in ("low", "high") if c in rows]
-    clash = rows["name"].duplicated(keep=False).any()
-    return csvfiles.format_rows(
-        [row["name"], *(f"{float(row[c]):.10g}" for c in ["prediction", *extra]), *([row["path"]] if clash else [])]
-        for _, row in rows.iterrows())
+    return csvfiles.format_rows([row["name"], *(f"{float(row[c]):.10g}" for c in ("prediction", "low", "high"))]
+                                for _, row in rows.iterrows())
 
 
 # ----------------------------------------------------------------------------------------------- the export
@@ -289,18 +308,55 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def check_export_destination(run_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """What an export may replace: nothing but an earlier export (a folder whose every file its manifest lists) or
+    an empty folder; never a run or anything inside one but the run's own export/, never a folder that contains
+    the run. A PredictError names the destination, what it holds, and the way out."""
+    out, run_dir = Path(out), Path(run_dir)
+    default = RunPaths(run_dir).export
+    if out.is_symlink():
+        raise PredictError(f"--out {out} is a symbolic link: give a real folder (a new one, or an earlier export)")
+    target, run = out.resolve(), run_dir.resolve()
+    if target != default.resolve():
+        if target == run or target in run.parents:
+            raise PredictError(f"--out {out} contains the run {run_dir}: the export would replace it; give a new "
+                               f"folder outside every run (default: {default})")
+        inside = next((folder for folder in target.parents if RunPaths(folder).is_run), None)
+        if inside is not None:
+            raise PredictError(f"--out {out} lies inside the run {inside}: the export would overwrite part of it; "
+                               f"give a folder outside every run (default for this run: {default})")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PredictError(f"--out {out} is a file, not a folder: give a new folder (or an earlier export)")
+    contents = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_symlink() or not p.is_dir())
+    if not contents:
+        return
+    try:
+        listed = set(json.loads((out / MANIFEST).read_text())["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PredictError(f"--out {out} exists and is not an export of this project (no readable {MANIFEST} "
+                           f"listing its files): it would be replaced whole; give a new folder, or move it away "
+                           f"yourself") from None
+    unlisted = [name for name in contents if name not in listed]
+    if unlisted:
+        raise PredictError(f"--out {out} is an earlier export that now also holds {out / unlisted[0]} (not in its "
+                           f"manifest): the new export would delete it; give a new folder, or move that file away")
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                average_checkpoints: bool = False) -> dict[str, Any]:
     """Write the run's export folder (module docstring); returns its manifest."""
     run_dir = Path(run_dir)
     out = Path(out) if out else RunPaths(run_dir).export
+    check_export_destination(run_dir, out)  # before any work: a refusal costs nothing
     models = _from_run(run_dir)
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "ensemble": {"models": [m.name for m in models],
                      "combine": "mean over each fold's weight files, then over folds, then over models; clip to "
-                                "[0, 100]; round half up",
-                     "checkpoints_averaged": average_checkpoints},
+                                "[0, 100]; round by `rounding` (utils.ensemble)",
+                     "rounding": ensemble_rounding(run_dir), "checkpoints_averaged": average_checkpoints},
         "models": [], "files": {}, "calibration": None}
     calibration = RunPaths(run_dir).ensemble / ensemble.calibration_name(_final_stem(run_dir))
     with files.atomic_path(out) as temporary:
@@ -334,11 +390,26 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                                                                    "sha256": files.file_digest(path)}
         files.write_text(temporary / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         if out.exists():
-            shutil.rmtree(out)  # the new export replaces the old one whole
+            shutil.rmtree(out)  # an earlier export (check_export_destination): the new one replaces it whole
     return manifest
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument of a prediction, before anything is loaded or decoded: a mistake costs nothing."""
+    if Path(args.out).is_dir():
+        raise PredictError(f"--out {args.out} is a folder: give the CSV file to write, e.g. "
+                           f"{Path(args.out) / 'preds.csv'}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PredictError(f"--batch-size {args.batch_size}: give 1 or more (or leave it out: max(the model's "
+                           "batch, 32))")
+    if args.workers < 0:
+        raise PredictError(f"--workers {args.workers}: give 0 (decode in this process) or more")
+    machine.check_device(args.device, "--device")
+    if args.interval is not None:
+        intervals.check_level(args.interval)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -369,9 +440,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"wrote {args.out or RunPaths(args.run).export}: {len(manifest['files'])} files, models "
               f"{', '.join(manifest['ensemble']['models'])}")
         return 0
-    machine.check_device(args.device, "--device")
-    if args.interval is not None:
-        intervals.check_level(args.interval)
+    check_arguments(args)
     started = time.perf_counter()
     rows = predict_images(args.source, args.images, rounding=not args.no_round, device=args.device,
                           batch_size=args.batch_size, workers=args.workers, progress=sys.stderr.isatty(),

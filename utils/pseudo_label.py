@@ -2,7 +2,8 @@
 Train + those slices, and compare each model with and without pseudo-labels on the same out-of-fold slices.
 
 Pseudo-labels are the ensemble's unrounded mean, clipped to [0, 100] (a float label keeps more information
-than the rounded submission value; utils.losses splits a float label between its two neighbouring bins).
+than the rounded submission value; utils.losses splits a float label between its two neighbouring bins); with the
+seed team's rounding (`rounding: authors`) they are their integers, as their extended_train_folding.json holds.
 Pseudo-labelled slices join the training part of every fold and are never validated on, so the OOF scores of
 a retrained model stay comparable with its original.
 
@@ -21,15 +22,18 @@ from utils import csvfiles, ensemble
 from utils.config import PSEUDO_SUFFIX, PathSettings, RunPaths, TrainConfig, pseudo_label_name
 
 
-def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Label every Val/Test slice with the ensemble (unrounded): pseudo/pseudo_labels.csv (name, split, percentage)."""
+def write_pseudo_labels(run_dir: str | Path, models: Sequence[str] | None = None,
+                        rounding: bool | str = True) -> pd.DataFrame:
+    """Label every Val/Test slice with the ensemble: pseudo/pseudo_labels.csv (name, split, percentage). Unrounded,
+    unless `rounding` is the seed team's ("authors"): their pseudo-labels were their ensemble's integers."""
     paths = RunPaths(run_dir)
     models = list(models) if models else ensemble.read_ensemble_models(paths.ensemble)
     per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(run_dir, models))
     unlabeled = per_model[per_model["split"].isin(["Val", "Test"])]
     if unlabeled.empty:
         return pd.DataFrame(columns=["name", "split", "percentage"])
-    combined = ensemble.combine_models(unlabeled, models, rounding=False)
+    combined = ensemble.combine_models(unlabeled, models,
+                                       rounding="authors" if ensemble.rounding_rule(rounding) == "authors" else False)
     labels = combined.rename(columns={"prediction": "percentage"})[["name", "split", "percentage"]]
     csvfiles.write_frame(paths.pseudo_labels_csv, labels)
     return labels
@@ -58,16 +62,17 @@ def comparison_table(run_dir: str | Path, per_model: pd.DataFrame, truth: pd.Dat
 
 
 def final_ensemble(run_dir: str | Path, per_model: pd.DataFrame, retrained: Sequence[str],
-                   truth: pd.DataFrame | None = None) -> list[str]:
-    """The submission's ensemble: the original ensemble with each retrained model in place of its original."""
+                   truth: pd.DataFrame | None = None, rounding: bool | str = True) -> list[str]:
+    """The submission's ensemble: the original ensemble with each retrained model in place of its original,
+    rounded by `rounding` (utils.ensemble.combine_models)."""
     paths = RunPaths(run_dir)
     models = ensemble.read_ensemble_models(paths.ensemble)
     swapped = {name.removesuffix(PSEUDO_SUFFIX): name for name in retrained}
     final = [swapped.get(m, m) for m in models]
-    combined = ensemble.combine_models(per_model, final, rounding=True)
+    combined = ensemble.combine_models(per_model, final, rounding=rounding)
     if truth is not None:
         ensemble.write_calibration(per_model, final, truth, paths.ensemble, stem="final")
-    ensemble.write_ensemble(combined, paths.ensemble, final, stem="final")
+    ensemble.write_ensemble(combined, paths.ensemble, final, stem="final", rounding=rounding)
     return final
 
 

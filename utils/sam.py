@@ -9,9 +9,9 @@ Norms run over all parameters together (one global norm, as in both papers), in 
 
 Why written here rather than wrapping the ``pytorch-optimizer`` package's SAM: it is ~60 lines, adds no
 dependency, and keeps under our control what matters for this project: BatchNorm statistics updated only on the
-first pass (``frozen_bn_stats``), bf16 autocast without a GradScaler, gradient clipping before the second step,
-exact restoration of w after the climb, and ``param_groups`` shared with the base optimizer so timm schedulers
-drive its learning rate.
+first pass (``frozen_bn_stats``; or on both, as the seed team's code does), bf16 autocast without a GradScaler,
+gradient clipping before the second step, exact restoration of w after the climb, and ``param_groups`` shared with
+the base optimizer so timm schedulers drive its learning rate.
 
 Usage (one training step, see ``sam_train_step``)::
 
@@ -160,12 +160,13 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 def sam_train_step(model: nn.Module, optimizer: SAM, compute_loss: Callable[[], torch.Tensor],
                    clip_grad_norm: float | None = None,
                    autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                   scaler: torch.amp.GradScaler | None = None, bn_update: str = "first") -> torch.Tensor:
     """One SAM update; returns the loss at w (first pass), detached.
 
     ``compute_loss`` runs the forward pass and returns a scalar loss; it is called twice (at w, then at w + e_w),
     each time inside ``autocast_ctx()`` (e.g. ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``; bf16 has
-    float32's range, so no GradScaler). BN running stats update on the first pass only. Gradients are clipped to
+    float32's range, so no GradScaler). BN running stats update on the first pass only (`bn_update="first"`), or on
+    both passes (`"both"`: the seed team's code, which runs the second pass in train mode). Gradients are clipped to
     ``clip_grad_norm`` (if set) just before the second step, i.e. the gradient that updates the weights; clipping
     the first pass would not change e_w, which is normalised anyway.
 
@@ -179,7 +180,7 @@ def sam_train_step(model: nn.Module, optimizer: SAM, compute_loss: Callable[[], 
     if not optimizer.first_step(zero_grad=True, skip_nonfinite=scaler is not None):
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         return loss.detach()
-    with frozen_bn_stats(model):
+    with frozen_bn_stats(model) if bn_update == "first" else contextlib.nullcontext():
         with autocast_ctx():
             adversarial_loss = compute_loss()
         (adversarial_loss if scaler is None else scaler.scale(adversarial_loss)).backward()

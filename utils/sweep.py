@@ -34,7 +34,16 @@ import numpy as np
 import pandas as pd
 
 from utils import csvfiles, files, jobs
-from utils.config import RunPaths, TrainConfig, check_run_settings, default_cache_dir, load_profile, workdir
+from utils.config import (
+    ROUNDINGS,
+    ConfigError,
+    RunPaths,
+    TrainConfig,
+    check_run_settings,
+    default_cache_dir,
+    load_profile,
+    workdir,
+)
 
 log = logging.getLogger("utils.sweep")  # not __name__: "__main__" under python -m
 
@@ -58,7 +67,8 @@ def plan_models(profiles: Sequence[str], overrides: dict[str, Any], folds: Seque
         profile = load_profile(name)
         for cfg in check_run_settings(profile, {**overrides, "folds": list(folds), "n_folds": n_folds})["train"]:
             if cfg.model_name in seen:
-                raise ValueError(f"model_name {cfg.model_name!r} appears in two profiles: rename one")
+                raise ConfigError(f"model_name {cfg.model_name!r} appears in two profiles: rename one",
+                                  key="model_name")
             seen.add(cfg.model_name)
             configs.append(cfg)
     return configs
@@ -94,7 +104,7 @@ def _check_folds(paths: RunPaths, labels: pd.DataFrame, n_folds: int, fold_seed:
     if paths.folds_csv.is_file():
         made = read_folds(paths.folds_csv)
         if not made[["name", "fold"]].equals(folds_table[["name", "fold"]]):
-            raise ValueError(f"{paths.folds_csv} holds other folds than n_folds={n_folds}, fold_seed={fold_seed} give "
+            raise SweepError(f"{paths.folds_csv} holds other folds than n_folds={n_folds}, fold_seed={fold_seed} give "
                              "for this data: use another run name (--name) or the run's own n_folds/fold_seed")
     else:
         write_folds(folds_table, paths.folds_csv)
@@ -115,9 +125,18 @@ def run_sweep(profiles: Sequence[str], run_dir: str | Path, folds: Sequence[int]
     runner = runner or jobs.Runner()
     if runner.jobs is not None and runner.jobs > len(configs) * len(folds):  # no idle worker processes
         runner.jobs = len(configs) * len(folds)
+    # before the lock and any training, as the pipeline does: the folds the labels allow, the models' weights
+    from utils import models
+    from utils.pipeline import subjects_problem
+
+    labels = _labels(images, data_dir)
+    problem = subjects_problem(images or f"the Train labels of {data_dir}", labels, n_folds, "--n-folds")
+    if problem:
+        raise SweepError(problem)
+    if runner.scheduler is None:  # an external scheduler's workers have their own weights cache
+        models.check_model_weights(configs)
     with files.RunLock(paths.root):
         files.remove_debris(paths.root, cache_dir)
-        labels = _labels(images, data_dir)
         _check_folds(paths, labels, n_folds, fold_seed)
         failure = None
         try:
@@ -153,16 +172,23 @@ def cv_table(run_dir: str | Path, complete_only: bool = True) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def paired_table(run_dir: str | Path, base: str, models: Sequence[str] | None = None) -> pd.DataFrame:
+def paired_table(run_dir: str | Path, base: str, models: Sequence[str] | None = None,
+                 roundings: Sequence[str] = ()) -> pd.DataFrame:
     """Each model (of `models`, default all) against `base`, fold by fold, on the folds both finished: per fold the
     plain and the class-balanced MAE and their differences (negative: better than the base), how many folds each
     improved, and the pooled out-of-fold MAE, class-balanced MAE and per-class bias of each model (the paired CV
-    table)."""
-    from utils.ensemble import average_checkpoints_and_folds, load_predictions, oof_table
+    table). `roundings` (utils.config.ROUNDINGS): also the base's own predictions rounded by each rule, as models
+    `<base>@<rule>` (the same checkpoints: what the rounding alone changes)."""
+    from utils.ensemble import average_checkpoints_and_folds, combine_models, load_predictions, oof_table
     from utils.folds import read_folds
 
     truth = read_folds(RunPaths(run_dir).folds_csv)
     per_model = average_checkpoints_and_folds(load_predictions(run_dir))
+    if roundings and base in set(per_model["model"]):
+        own = per_model[per_model["model"] == base]
+        per_model = pd.concat([per_model] + [combine_models(own, [base], rounding=rule).assign(model=f"{base}@{rule}")
+                                             for rule in roundings], ignore_index=True)
+        models = [*models, *(f"{base}@{rule}" for rule in roundings)] if models else None
     oof = per_model[per_model["split"] == "oof"].merge(truth[["name", "fold"]], on="name")
     if base not in set(oof["model"]):
         raise SweepError(f"--base {base!r}: no out-of-fold predictions in {run_dir} (models: "
@@ -239,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare.add_argument("run_dir")
     compare.add_argument("--base", required=True, help="the model the others are compared with")
     compare.add_argument("--models", nargs="+", help="only these models (default: every model of the run)")
+    compare.add_argument("--roundings", nargs="+", default=[], choices=ROUNDINGS,
+                         help="also the base's predictions rounded by these rules, as models BASE@RULE")
     compare.add_argument("--csv", help="also write the table to this CSV")
     args = parser.parse_args(argv)
 
@@ -254,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   runner=runner, time_limit=args.time_limit)
         print(format_report(cv_table(run_dir, complete_only=False)))
     elif args.command == "compare":
-        table = paired_table(args.run_dir, args.base, args.models)
+        table = paired_table(args.run_dir, args.base, args.models, args.roundings)
         print(table.to_string(index=False, float_format="%.3f"))
         if args.csv:
             csvfiles.write_frame(args.csv, table)

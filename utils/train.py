@@ -108,7 +108,8 @@ def build_model_for(cfg: TrainConfig, device: torch.device, for_checkpoint: bool
     pretrained = cfg.pretrained and not for_checkpoint
     pretrained_file = None if for_checkpoint else cfg.pretrained_file
     model = models.build_model(cfg.arch, head=cfg.head, pooling=cfg.pooling, in_chans=cfg.in_chans,
-                               drop_rate=cfg.drop_rate, pretrained=pretrained, pretrained_file=pretrained_file)
+                               drop_rate=cfg.drop_rate, pretrained=pretrained, pretrained_file=pretrained_file,
+                               f2_input=cfg.f2_input)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -202,7 +203,7 @@ class StepRunner:
             self.model.train()
         if isinstance(self.optimizer, sam.SAM):
             sam.sam_train_step(self.model, self.optimizer, compute_loss, clip_grad_norm=self.cfg.clip_grad,
-                               scaler=self.scaler)
+                               scaler=self.scaler, bn_update=self.cfg.sam_bn_update)
             return parts
         self.optimizer.zero_grad(set_to_none=True)
         loss = compute_loss()
@@ -301,7 +302,9 @@ def check_same_recipe(cfg: TrainConfig, saved_config: Path) -> None:
     """Refuse to reuse or resume a fold that was trained with another recipe (a silently stale result)."""
     if not saved_config.is_file() or not _has_results(saved_config.parent):
         return
-    saved = TrainConfig.load_yaml(saved_config).to_dict()
+    # an edit of the saved recipe must not make a fold look like another recipe's: it is refused, never compared
+    saved = TrainConfig.load_yaml(files.verify(saved_config, fold_way_out(saved_config.parent), older_ok=True))
+    saved = saved.to_dict()
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items()
                if k not in EXECUTION_ONLY_FIELDS and saved.get(k) != v}
     if changed:
@@ -402,8 +405,7 @@ class _FoldTraining:
         machine.prepare_device(self.device)
         self.model = build_model_for(cfg, self.device)  # before anything is written: bad weights fail first
         self.optimizer = build_optimizer(self.model, cfg)
-        self.transform = augment.build_transform(train=True, channels=cfg.in_chans, n_ops=cfg.randaug_n,
-                                                 magnitude=cfg.randaug_m)
+        self.transform = augment.training_transform(cfg)
         train_set = _training_dataset(fit, pseudo, self.transform)
         self.steps_per_epoch = len(train_set) // cfg.batch_size if len(train_set) > cfg.batch_size else 1
         if cfg.max_steps_per_epoch:
@@ -597,7 +599,7 @@ def train_fold(cfg: TrainConfig, fold: int, train_split: SplitImages, fold_dir: 
                              "it (./run_all.sh), or run 02_train with role='train' to train it in the notebook")
     training = _FoldTraining(cfg, fold, fit, pseudo, fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save_yaml(fold_dir / "config.yaml")
+    cfg.save_yaml(fold_dir / "config.yaml", record=True)
     files.write_text(fold_dir / "held_out.txt", "\n".join(sorted(train_split.frame["name"][is_valid])) + "\n")
     _write_inputs(fold_dir, inputs, {})
     start_epoch, history = training.resume()
