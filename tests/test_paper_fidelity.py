@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from utils import augment, ensemble, models, pipeline, runs, sam, train
+from utils import augment, ensemble, models, pipeline, predict, runs, sam, train
 from utils.config import ConfigError, EnsembleSettings, TrainConfig, load_profile
 
 
@@ -211,3 +211,8 @@ def test_the_paper_profiles_run_end_to_end_at_toy_size(tmp_path, phantom_set, na
     submission = (tmp_path / "submissions" / f"{name}.csv").read_text().splitlines()
     assert submission and all(float(line.split(",")[1]).is_integer() for line in submission)
     assert (run_dir / "ensemble" / "final_rounding.txt").read_text().strip() == "authors"
+    # utils.predict repeats the run's rounding: its export predicts the submission's values
+    rows = predict.predict_images(run_dir / "export", [phantom_set / "Val"], progress=False)
+    submitted = dict(line.split(",") for line in submission)
+    assert len(rows) == len(submitted)
+    assert all(float(submitted[name]) == value for name, value in zip(rows["name"], rows["prediction"]))

@@ -173,6 +173,15 @@ def test_paired_table_differences_per_fold_by_hand(tmp_path):
     assert only["d_MAE_fold1"].tolist() == table["d_MAE_fold1"].tolist()
     with pytest.raises(sweep.SweepError, match="--models 'worse': no out-of-fold predictions"):
         sweep.paired_table(tmp_path, "base", models=["worse"])
-    # the base's own predictions rounded, as models base@rule: whole errors on whole labels, nothing changes
-    rounded = sweep.paired_table(tmp_path, "base", roundings=["once", "authors"]).set_index("model")
-    assert rounded.loc["base@once", "d_MAE_mean"] == rounded.loc["base@authors", "d_MAE_mean"] == 0
+    # a model's own predictions rounded, as models <model>@<rule>: two checkpoints at +0.4 and +0.7 on whole labels
+    # are +0.55 unrounded, round(+0.55) = +1 once, int(mean(0, 1)) = 0 the seed team's way
+    for fold in (0, 1, 2):
+        rows = truth[truth["fold"] == fold]
+        frame = pd.concat([pd.DataFrame({"split": "oof", "name": rows["name"], "epoch": epoch,
+                                         "prediction": rows["percentage"].to_numpy() + error})
+                           for epoch, error in ((1, 0.4), (2, 0.7))])
+        csvfiles.write_frame(paths.fold("frac", fold) / "predictions.csv", frame)
+    rounded = sweep.paired_table(tmp_path, "frac", roundings=["once", "authors"]).set_index("model")
+    assert rounded.loc["frac", "MAE"] == pytest.approx(0.55)
+    assert rounded.loc["frac@once", "d_MAE_mean"] == pytest.approx(0.45)
+    assert rounded.loc["frac@authors", "d_MAE_mean"] == pytest.approx(-0.55)

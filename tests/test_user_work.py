@@ -212,3 +212,53 @@ def test_a_file_an_older_version_left_unrecorded_is_read_with_a_warning(tmp_path
         files.verify(folder / "config.yaml", "rerun")
     assert files.verify(folder / "config.yaml", "rerun", older_ok=True) == folder / "config.yaml"
     assert "older version" in caplog.text
+
+
+def test_an_edited_calibration_is_refused_by_the_export(tiny_run, tmp_path):
+    run_dir, slices = tiny_run
+    copy = tmp_path / "run"
+    os.system(f"cp -a {run_dir} {copy}")
+    calibration = RunPaths(copy).ensemble / ensemble.calibration_name()
+    calibration.write_text(calibration.read_text().replace("\n0", "\n9", 1))
+    with pytest.raises(files.IntegrityError, match="ensemble_calibration.csv is corrupt"):
+        predict.export_run(copy, tmp_path / "export")
+    with pytest.raises(files.IntegrityError, match="ensemble_calibration.csv is corrupt"):
+        predict.predict_images(copy, [slices], progress=False, level=0.9)
+    assert not (tmp_path / "export").exists()
+
+
+def test_an_averaged_export_of_a_run_rounded_the_authors_way_is_refused(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    os.system(f"cp -a {run_dir} {copy}")
+    per_model = ensemble.average_checkpoints_and_folds(ensemble.load_predictions(copy).assign(model="t"))
+    ensemble.write_ensemble(ensemble.combine_models(per_model, ["t"], "authors"), RunPaths(copy).ensemble, ["t"],
+                            rounding="authors")
+    with pytest.raises(predict.PredictError, match="cannot repeat: export it without --average-checkpoints"):
+        predict.export_run(copy, tmp_path / "export", average_checkpoints=True)
+    assert predict.export_run(copy, tmp_path / "export")["ensemble"]["rounding"] == "authors"
+
+
+def test_weights_are_checked_only_for_models_still_to_train(tmp_path, monkeypatch):
+    from utils import models, runs
+
+    checked = []
+    monkeypatch.setattr(models, "check_model_weights", lambda configs, made=(): checked.append(
+        sorted(c.model_name for c in configs)))
+    run = runs.resolve("demo", {"pretrained": True}, run_dir=tmp_path / "run", check_archs=False)
+    runner = type("Local", (), {"scheduler": None})()
+    pipeline.check_weights(run, runner)
+    first = run.train[0]
+    for fold in first.folds:  # a rerun: this model's folds are trained, nothing rebuilds it from its weights
+        files.write_text(RunPaths(run.paths.run_dir).fold(first.model_name, fold) / "predictions.csv", "x\n")
+    pipeline.check_weights(run, runner)
+    pipeline.check_weights(run, runner, stages=["03_ensemble", "05_submit"])  # no training stage: nothing to check
+    pipeline.check_weights(run, runner, force=True)  # --force retrains everything
+    everything = sorted(c.model_name for c in run.train + run.pseudo)
+    assert checked == [everything, [n for n in everything if n != first.model_name], everything]
+
+
+def test_a_dry_run_checks_the_kernel_too(tmp_path, capsys):
+    assert pipeline.main(["--workdir", str(tmp_path), "--dry-run", "--kernel", "no-such-kernel"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--kernel no-such-kernel: no such Jupyter kernel" in err

@@ -73,8 +73,9 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SUBMIT_SPLITS = ("Val", "Test")
 # How the ensemble rounds (utils.ensemble): none; once (the mean of everything, rounded half up); authors (each
-# checkpoint rounded half up, the mean over a fold's checkpoints truncated, the mean of those integers rounded half up:
-# the seed team's inference and combine scripts). true / false in a profile mean once / none.
+# checkpoint rounded half up; one model: the mean of its checkpoint integers truncated; several: the mean of all
+# their checkpoint integers rounded half up: the seed team's inference and combine scripts). true / false in a profile
+# mean once / none.
 ROUNDINGS = ("none", "once", "authors")
 # Imbalanced-regression settings (utils.losses): LDS loss weights, and eq 2's loss on f2.
 LDS_MODES = ("none", "inverse", "sqrt_inverse")
@@ -517,7 +518,7 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any], ch
     pseudo = [TrainConfig(**{**cfg.to_dict(), "model_name": pseudo_label_name(cfg.model_name),
                              "use_pseudo_labels": True}) for cfg in trains if cfg.model_name in pseudo_names]
     ensemble = build(EnsembleSettings, shared, sources)
-    _check_ensemble_models(ensemble, trains + pseudo, sources)
+    _check_ensemble_models(ensemble, trains, sources)
     return {"train": trains, "pseudo": pseudo, "folds": fold_settings,
             "ensemble": ensemble, "submit": build(SubmitSettings, shared, sources),
             "selfsup": build(SelfSupSettings, shared, sources), "explain": build(ExplainSettings, shared, sources)}
@@ -525,13 +526,16 @@ def check_run_settings(profile: dict[str, Any], overrides: Mapping[str, Any], ch
 
 def _check_ensemble_models(ensemble: EnsembleSettings, configs: list[TrainConfig],
                            sources: list[tuple[str, Mapping[str, Any]]]) -> None:
-    """`models` (what 03/04 combine) names models of this run: an unknown one failed in 03, after every training."""
+    """`models` (what 03/04 combine) names models the run trains before 03: an unknown one (or a pseudo-label
+    retrain, trained after 03 and put in its original's place by 04 itself) failed in 03, after every training."""
     names = [cfg.model_name for cfg in configs]
     unknown = [name for name in ensemble.models or [] if name not in names]
     if unknown:
-        raise _attributed(ConfigError(f"models={ensemble.models}: {unknown[0]!r} is not a model of this run (its "
-                                      f"models: {', '.join(names)}); list some of those, or null for all",
-                                      key="models"), sources)
+        retrain = " (a pseudo-label retrain: 04 puts it in its original's place by itself)" \
+            if unknown[0].endswith(PSEUDO_SUFFIX) else ""
+        raise _attributed(ConfigError(f"models={ensemble.models}: {unknown[0]!r} is not a model this run trains "
+                                      f"before 03{retrain} (its models: {', '.join(names)}); list some of those, or "
+                                      "null for all", key="models"), sources)
 
 
 def _check_model_names(profile: Mapping[str, Any], overrides: Mapping[str, Any], trains: list[TrainConfig],
@@ -672,14 +676,15 @@ class RunPaths:
     # ".lock": files.LOCK_FILE.
     ENTRIES = frozenset({".lock", "run_config.yaml", "folds.csv", "cv_summary.csv", "figures", "models", "ensemble",
                          "pseudo", "notebooks", "export", "selfsup"})
+    LITTER = frozenset({".DS_Store", ".ipynb_checkpoints"})  # what file browsers and Jupyter leave: nobody's work
 
     def foreign_entries(self) -> list[Path]:
         """What the folder holds that no run writes (temporary files of killed writers aside): a user's files,
         which nothing of this project may delete."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir()
-                      if p.name not in self.ENTRIES and not (p.name.startswith(".") and ".tmp-" in p.name))
+        return sorted(p for p in self.root.iterdir() if p.name not in self.ENTRIES | self.LITTER
+                      and not (p.name.startswith(".") and ".tmp-" in p.name))
 
     @property
     def is_run(self) -> bool:

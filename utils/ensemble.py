@@ -111,7 +111,7 @@ def combine_models(per_model: pd.DataFrame, models: Sequence[str] | None = None,
     if rule == "once":
         values = round_half_up(values)
     elif rule == "authors":
-        values = _authors_rounding(chosen, wide.index, len(models))
+        values = _authors_rounding(chosen, wide.index, len(set(models)))
     return pd.DataFrame({"split": wide.index.get_level_values("split"), "name": wide.index.get_level_values("name"),
                          "prediction": values}).reset_index(drop=True)
 

@@ -526,7 +526,12 @@ def _reusable_set(out: Path, parameters: dict, force: bool) -> dict | None:
     if not out.exists():
         return None
     manifest = out / MANIFEST
-    existing = json.loads(manifest.read_text()) if manifest.is_file() else None
+    try:
+        existing = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, ValueError):
+        existing = None
+    if not isinstance(existing, dict) or "parameters" not in existing:
+        existing = None  # not a readable manifest of a set: not this project's folder
     if existing is not None and existing["parameters"] == parameters and not force:
         return existing
     if existing is None:

@@ -229,15 +229,23 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
             runner.jobs = most
 
 
-def check_weights(run: runs.Run, runner: jobs.Runner) -> None:
-    """Before 00: the weights each model starts from can be had (utils.models.check_weights: a pretrained_file
-    read as data only and fitting its arch; `pretrained: true`: in the local cache, or the hub answers at once), not
-    after 00 and 01 and a minute of hub retries. Weights the run's own pretraining writes are not there yet; an
-    external scheduler's workers have their own cache (their jobs check the same way, in one line)."""
-    if runner.scheduler is None:
+def check_weights(run: runs.Run, runner: jobs.Runner, stages: Sequence[str] = STAGES, force: bool = False) -> None:
+    """Before 00: the weights each model still to train starts from can be had (utils.models.check_weights: a
+    pretrained_file read as data only and fitting its arch; `pretrained: true`: in the local cache, or the hub
+    answers at once), not after 00 and 01 and a minute of hub retries. A model whose folds are all trained (a rerun:
+    none is rebuilt from its weights) or whose stage is not run is not checked; weights the run's own pretraining
+    writes are not there yet; an external scheduler's workers have their own cache (their jobs check the same
+    way, in one line)."""
+    if runner.scheduler is not None:
+        return
+    paths = RunPaths(run.paths.run_dir)
+    staged = (run.train if "02_train" in stages else []) + (run.pseudo if "04_pseudo_label" in stages else [])
+    to_train = [cfg for cfg in staged
+                if force or not all((paths.fold(cfg.model_name, f) / "predictions.csv").is_file() for f in cfg.folds)]
+    if to_train:
         from utils import models
 
-        models.check_model_weights(run.train + run.pseudo, made=set(run.pretrainings))
+        models.check_model_weights(to_train, made=set(run.pretrainings))
 
 
 def check_subjects(run: runs.Run) -> None:
@@ -436,14 +444,14 @@ def _run(args: argparse.Namespace) -> Path | None:
     check_machine(recipe, runner)
     check_writable(output_folders(recipe, root, submission_csv, args.stages.split(",")))
     check_subjects(recipe)
-    check_weights(recipe, runner)
     check_force(run_dir, args.force)
+    check_weights(recipe, runner, args.stages.split(","), args.force)
+    kernel = choose_kernel(args.kernel)
     if args.dry_run:
         for step in plan(recipe, submission_csv, args.stages.split(",")):
             print(step.title)
         print(f"dry run of {profile['path']}: every setting checked, nothing run or written")
         return None
-    kernel = choose_kernel(args.kernel)
     with files.RunLock(run_dir):
         try:
             _start_run_folder(run_dir, args.force, submission_csv)

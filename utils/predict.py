@@ -350,18 +350,24 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     run_dir = Path(run_dir)
     out = Path(out) if out else RunPaths(run_dir).export
     check_export_destination(run_dir, out)  # before any work: a refusal costs nothing
+    rounding = ensemble_rounding(run_dir)
+    if average_checkpoints and rounding == "authors":
+        raise PredictError(f"--average-checkpoints: {run_dir} rounds the seed team's way (each checkpoint's "
+                           "prediction to an integer), which one averaged weight set per fold cannot repeat: export "
+                           "it without --average-checkpoints")
     models = _from_run(run_dir)
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT, "run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "ensemble": {"models": [m.name for m in models],
                      "combine": "mean over each fold's weight files, then over folds, then over models; clip to "
                                 "[0, 100]; round by `rounding` (utils.ensemble)",
-                     "rounding": ensemble_rounding(run_dir), "checkpoints_averaged": average_checkpoints},
+                     "rounding": rounding, "checkpoints_averaged": average_checkpoints},
         "models": [], "files": {}, "calibration": None}
     calibration = RunPaths(run_dir).ensemble / ensemble.calibration_name(_final_stem(run_dir))
     with files.atomic_path(out) as temporary:
         temporary.mkdir(parents=True)
         if calibration.is_file():
+            files.verify(calibration, ensemble.ENSEMBLE_WAY_OUT, older_ok=True)  # an edit is refused, not exported
             shutil.copy2(calibration, temporary / intervals.CALIBRATION_FILE)
             manifest["calibration"] = intervals.CALIBRATION_FILE
         else:  # an ensemble without out-of-fold labels to calibrate on: the export predicts, without --interval

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils import csvfiles, files
+from utils import csvfiles, ensemble, files
 
 ZIP_MEMBER = "predictions.csv"
 
@@ -99,6 +99,7 @@ def make_submission(run_dir: str | Path, data_dir: str | Path, split: str, csv_p
     source = next((p for p in (ensemble_dir / "final.csv", ensemble_dir / "ensemble.csv") if p.is_file()), None)
     if source is None:
         raise FileNotFoundError(f"no ensemble predictions in {ensemble_dir}: run notebooks/03_ensemble.ipynb first")
+    files.verify(source, ensemble.ENSEMBLE_WAY_OUT, older_ok=True)  # an edited ensemble is refused, never submitted
     predictions = csvfiles.read_frame(source, text_columns=("split", "name"))
     frame = data.load_split(data_dir, split) if split in ("Val", "Test") else None
     if frame is not None:
