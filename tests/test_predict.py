@@ -17,7 +17,8 @@ from utils.config import REPO_ROOT, RunPaths
 pytestmark = pytest.mark.slow  # every test here uses the two runs of `phases` (~2.5 min)
 
 # No pseudo-label retrain: it would learn from the Test slices too, and the two runs below must train the same.
-PROFILE = {"params": {"arch": "resnet10t", "head": "reg", "pooling": "avg", "img_size": 32, "epochs": 2,
+# 64 px: resnet10t's last feature map is 2x2, what a saliency map needs to localise (utils.explain)
+PROFILE = {"params": {"arch": "resnet10t", "head": "reg", "pooling": "avg", "img_size": 64, "epochs": 2,
                       "warmup_epochs": 0, "batch_size": 8, "optimizer": "adamw", "lr": 0.001, "sam": "none",
                       "folds": [0, 1], "n_folds": 3, "save_last_k": 2, "randaug_n": 1, "tta_hflip": True},
            "models": [{"model_name": "a"}, {"model_name": "b", "head": "ldl", "pooling": "hybrid"}]}
@@ -89,7 +90,8 @@ def test_unrounded_predictions_equal_the_pipelines_own(phases, tmp_path):
     rows = predict.predict_images(run_dir, [full / "Test"], rounding=False, progress=False)
     merged = rows.merge(own, on="name")
     assert len(merged) == len(own) > 0
-    np.testing.assert_allclose(merged["prediction_x"], merged["prediction_y"], atol=1e-6, rtol=0)
+    # float32 predictions near 25: one ulp is 2e-6 (batches of other compositions round differently)
+    np.testing.assert_allclose(merged["prediction_x"], merged["prediction_y"], atol=1e-5, rtol=0)
 
 
 def test_weight_averaged_export_loads_and_predicts(phases, tmp_path):
@@ -184,6 +186,7 @@ def test_explain_writes_an_overlay_and_a_heatmap_of_the_image_size_per_slice(pha
     for path in slices:
         heatmap = np.load(out / f"{path.stem}.npy")
         assert heatmap.dtype == np.float32 and heatmap.shape == (48, 48) and (heatmap >= 0).all()
+        assert heatmap.max() > 0  # a 2x2 feature map localises: never the all-zero map of a 1x1 one
     rows = pd.read_csv(out / "predictions.csv")
     assert list(rows.columns) == ["name", "prediction", "low", "high"] and len(rows) == len(slices)
 

@@ -247,7 +247,8 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
     folds (each fold calibrated on the others; Mondrian against one interval for all) of the model's clipped
     out-of-fold predictions (what 03 calibrates on), the per-scan table, and a grid of held-out slices (`per_class`
     per severity class) with their own fold's heatmaps. Writes intervals_cv.csv, per_scan_cv.csv and the figures
-    interval_coverage.png, per_scan.png, saliency_grid.png to `out`, once all are made."""
+    interval_coverage.png, per_scan.png, saliency_grid.png to `out`, once all are made (the grid is left out, with a
+    warning, for a model whose last feature map is 1x1: utils.explain.cannot_localise)."""
     import matplotlib.pyplot as plt
 
     from utils import report
@@ -269,24 +270,27 @@ def cv_report(run_dir: str | os.PathLike, model: str, data_dir: str | os.PathLik
     slices = data.load_split(data_dir, "Train", require_labels=True)[["name", "path"]]
     picked = pd.concat([group.sample(min(per_class, len(group)), random_state=0)
                         for _, group in oof.merge(slices, on="name").groupby("severity", observed=True)])
-    maps = []
-    for fold, group in picked.groupby("fold", sort=False):
+    fold_models = {}
+    for fold in picked["fold"].unique():
         fold_dir = paths.fold(model, fold)
         cfg = TrainConfig.load_yaml(files.verify(fold_dir / "config.yaml", train.fold_way_out(fold_dir),
                                                  older_ok=True))
         weights = {fold: [train.checkpoint_path(fold_dir, e) for e in train.kept_epochs(cfg)]}
-        ensemble_model = predict.EnsembleModel(cfg, weights, train.fold_way_out(fold_dir))
-        for (_, row), heatmap in zip(group.iterrows(), heatmaps([ensemble_model], group[["name", "path"]],
-                                                                 progress=False)):
-            maps.append((row["name"], heatmap))
-    by_name = dict(maps)
-    order = [n for c in SEVERITY_CLASSES for n in picked.loc[picked["severity"] == c, "name"]]
-    rows = picked.set_index("name").loc[order]
-    titles = [f"{n}: {r['percentage']:.0f} %, pred. {r['prediction']:.0f} [{r['low']:.0f}, {r['high']:.0f}]"
-              for n, r in rows.iterrows()]
-    figures = {"interval_coverage": report.coverage_by_class(tables, level), "per_scan": report.per_scan(scans),
-               "saliency_grid": report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
-                                                    [by_name[n] for n in order], titles)}
+        fold_models[fold] = predict.EnsembleModel(cfg, weights, train.fold_way_out(fold_dir))
+    figures = {"interval_coverage": report.coverage_by_class(tables, level), "per_scan": report.per_scan(scans)}
+    no_maps = cannot_localise(list(fold_models.values()))
+    if no_maps:  # the coverage and per-scan figures stand without it
+        log.warning("saliency grid skipped: %s", no_maps)
+    else:
+        maps = {}
+        for fold, group in picked.groupby("fold", sort=False):
+            maps.update(zip(group["name"], heatmaps([fold_models[fold]], group[["name", "path"]], progress=False)))
+        order = [n for c in SEVERITY_CLASSES for n in picked.loc[picked["severity"] == c, "name"]]
+        rows = picked.set_index("name").loc[order]
+        titles = [f"{n}: {r['percentage']:.0f} %, pred. {r['prediction']:.0f} [{r['low']:.0f}, {r['high']:.0f}]"
+                  for n, r in rows.iterrows()]
+        figures["saliency_grid"] = report.heatmap_grid([data.load_gray(p) for p in rows["path"]],
+                                                       [maps[n] for n in order], titles)
     out = Path(out)
     csvfiles.write_frame(out / "intervals_cv.csv", coverage)
     csvfiles.write_frame(out / "per_scan_cv.csv", scans)
