@@ -78,6 +78,17 @@ def test_small_resnests_build_and_run(arch):
     assert model.head_logits.in_features == model.backbone.num_features == 2048
 
 
+@pytest.mark.parametrize("arch, channels", [("mobilenetv3_large_100", 1280), ("ghostnet_100", 1280),
+                                            ("lcnet_100", 1280), ("efficientnet_lite0", 1280), ("resnet10t", 512)])
+def test_heads_fit_the_map_of_backbones_that_convolve_after_pooling(arch, channels):
+    # MobileNetV3, GhostNet and LCNet apply a 1x1 conv after timm's pooling: without it (global_pool="") the map
+    # has head_hidden_size channels, not num_features (960 / 512)
+    model = build_model(arch, head="exp", pooling="hybrid").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert model.head_logits.in_features == channels and out["reg"].shape == (2,)
+
+
 def test_large_paper_backbones_are_timm_names():
     for name in ["resnest50d", "resnest101e", "resnest200e", "resnext50_32x4d", "skresnext50_32x4d",
                  "seresnet50", "efficientnet_b4", "resnest14d", "resnest26d", "resnet18"]:

@@ -53,12 +53,15 @@ def test_fold_outputs_kept_checkpoints_and_predictions(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-@pytest.mark.parametrize("amp_dtype, ema_decay", [("auto", 0.0), ("auto", 0.9),  # float16: SAM with a GradScaler
-                                                   pytest.param("float16", 0.0, marks=pytest.mark.slow)])
-# that backs off here (fp16 on the CPU is slow: ~40 s); ema_decay: the average is resumed along with the weights
-def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype, ema_decay):
+@pytest.mark.parametrize("amp_dtype, ema_decay, mix", [("auto", 0.0, "none"), ("auto", 0.9, "none"),
+                                                        ("auto", 0.0, "cmixup"),  # float16: SAM with a GradScaler
+                                                        pytest.param("float16", 0.0, "none", marks=pytest.mark.slow)])
+# that backs off here (fp16 on the CPU is slow: ~40 s); ema_decay: the average is resumed along with the weights;
+# cmixup: the partners and weights drawn again as they were
+def test_kill_and_rerun_resumes_to_the_same_weights(tmp_path, monkeypatch, caplog, amp_dtype, ema_decay, mix):
     split = tiny_split()
-    cfg = tiny_config(sam="sam", amp_dtype=amp_dtype, ema_decay=ema_decay)
+    cfg = tiny_config(sam="sam", amp_dtype=amp_dtype, ema_decay=ema_decay, mixup=mix,
+                      randaug_n=0 if mix == "none" else 1)
     reference = train.train_fold(cfg, 0, split, tmp_path / "straight", progress=False)
 
     calls = {"n": 0}
@@ -196,6 +199,17 @@ def test_autocast_is_bf16_where_the_gpu_computes_it_else_fp16_with_a_scaler(monk
     assert machine.amp_dtype(tiny_config(amp_dtype="bfloat16"), cuda) == torch.bfloat16  # asked for: as asked
     assert machine.amp_dtype(tiny_config(amp=False), cuda) is None
     assert machine.amp_dtype(tiny_config(), torch.device("cpu")) is None  # auto on the CPU: float32
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", torch.bfloat16),
+                                             ("fpu amx_tile amx_bf16", torch.bfloat16), ("fpu avx512f avx2", None)])
+def test_cpu_bf16_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: {"model name": "a CPU", "flags": flags})
+    cpu = torch.device("cpu")
+    assert machine.amp_dtype(tiny_config(cpu_bf16=True), cpu) == expected
+    assert machine.amp_dtype(tiny_config(cpu_bf16=False), cpu) is None
+    assert machine.amp_dtype(tiny_config(cpu_bf16=True, amp=False), cpu) is None
+    assert machine.amp_dtype(tiny_config(cpu_bf16=True, amp_dtype="float16"), cpu) == torch.float16  # as asked
 
 
 def test_a_compiled_sam_step_learns_what_the_eager_step_learns():

@@ -308,9 +308,13 @@ def worker_init(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
+    seed = int(info.seed % 2**32)
     transform = getattr(info.dataset, "transform", None)
     if isinstance(transform, SliceTransform):
-        transform.set_seed(int(info.seed % 2**32))
+        transform.set_seed(seed)
+    pairs_seed = getattr(info.dataset, "set_seed", None)  # utils.mixup.MixedPairs: its partner stream
+    if callable(pairs_seed):
+        pairs_seed(seed)
 
 
 def hflip_tta(batch: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,8 @@ SELFSUP_METHODS = ("simclr", "simsiam", "byol")  # utils.selfsup
 F2_INPUTS = ("probs", "logits")
 RANDAUG_STYLES = ("suite", "authors")
 SAM_BN_UPDATES = ("first", "both")
+# Training pairs mixed (utils.mixup): none, plain mixup (uniform partners), C-Mixup (partners by label distance).
+MIXUP_MODES = ("none", "mixup", "cmixup")
 NOTEBOOK_ROLES = ("train", "report")
 PROFILE_KEYS = ("description", "params", "models", "pseudo_label_models")
 
@@ -233,6 +235,9 @@ class TrainConfig(Settings):
     randaug_m: int = 9  # RandAugment: magnitude 0..30
     randaug_style: str = "suite"  # suite (utils.augment) | authors (the seed team's: fixed strength, p 0.5 each)
     train_flips: bool = False  # random horizontal and vertical flips (p 0.5 each) in training (seed code)
+    mixup: str = "none"  # none | mixup | cmixup: each training slice mixed with a partner (utils.mixup)
+    mixup_alpha: float = 2.0  # the mixing weight lam ~ Beta(alpha, alpha) (C-Mixup's experiments: 2)
+    cmixup_sigma: float = 5.0  # cmixup: the label kernel's sd, in percentage points
     tta_hflip: bool = False  # average predictions with the h-flipped image
     folds: list[int] = field(default_factory=lambda: [0, 1])  # folds to train (of FoldSettings.n_folds)
     save_last_k: int = 5  # checkpoints of the last k epochs are kept and averaged
@@ -241,12 +246,15 @@ class TrainConfig(Settings):
     ema_decay: float = 0.0
     seed: int = 42
     use_pseudo_labels: bool = False  # add 04_pseudo_label's labelled Val/Test slices to every fold's training part
-    device: str = "auto"  # auto: cuda when present (autocast: amp_dtype), else cpu fp32
+    device: str = "auto"  # auto: cuda when present (autocast: amp_dtype), else cpu (fp32, or bf16: cpu_bf16)
     amp: bool = True
     # auto: bf16 on GPUs that compute it natively (compute capability >= 8: A100, H100, RTX 30xx on), else fp16 with
     # a GradScaler (T4, P100, V100: Kaggle's GPUs, where bf16 is emulated and slow); fp32 on the CPU.
     # bfloat16 | float16: that dtype on any device.
     amp_dtype: str = "auto"
+    # On a CPU that computes bf16 natively (AVX-512 BF16 or AMX: oneDNN's bf16 convolutions), amp_dtype auto trains
+    # and predicts in bf16 autocast (2x the fp32 speed of resnet10t on an AMD EPYC: docs/speed.md); fp32 elsewhere.
+    cpu_bf16: bool = False
     channels_last: bool = True
     compile: bool | str = False  # torch.compile the step: false, true (= "default") or one of COMPILE_MODES
     num_workers: int = -1  # loader workers; -1: min(8, cores - 1) on GPU, 0 on CPU
@@ -264,6 +272,7 @@ class TrainConfig(Settings):
         check_choice("f2_input", self.f2_input, F2_INPUTS)
         check_choice("sam_bn_update", self.sam_bn_update, SAM_BN_UPDATES)
         check_choice("randaug_style", self.randaug_style, RANDAUG_STYLES)
+        check_choice("mixup", self.mixup, MIXUP_MODES)
         if isinstance(self.compile, str):
             check_choice("compile", self.compile, COMPILE_MODES)
         _check_all([
@@ -290,6 +299,8 @@ class TrainConfig(Settings):
             (self.ranksim_lambda > 0, "ranksim_lambda", f"{self.ranksim_lambda}: must be > 0"),
             (0 <= self.randaug_n <= 10, "randaug_n", f"{self.randaug_n}: RandAugment's N must be in 0..10"),
             (0 <= self.randaug_m <= 30, "randaug_m", f"{self.randaug_m}: RandAugment's M must be in 0..30"),
+            (self.mixup_alpha > 0, "mixup_alpha", f"{self.mixup_alpha}: must be > 0 (Beta(alpha, alpha))"),
+            (self.cmixup_sigma > 0, "cmixup_sigma", f"{self.cmixup_sigma}: must be > 0 (percentage points)"),
             (len(self.folds) >= 1, "folds", "[]: list at least one fold to train"),
             (all(f >= 0 for f in self.folds) and len(set(self.folds)) == len(self.folds), "folds",
              f"{self.folds}: folds are distinct numbers 0..n_folds-1"),

@@ -8,14 +8,18 @@ runner, the phantom renderer and the benchmark all size themselves the same way 
   anything runs.
 * Precision (`TrainConfig.amp_dtype`): `auto` is bf16 autocast where the GPU computes bf16 (compute capability >= 8:
   A100, H100, RTX 30xx on; ROCm), fp16 with torch's GradScaler before that (T4, V100, P100: Kaggle's GPUs, where
-  torch would emulate bf16, slower than fp32), fp32 on the CPU.
+  torch would emulate bf16, slower than fp32); on the CPU fp32, or bf16 with `cpu_bf16` where the CPU computes it
+  (AVX-512 BF16 or AMX).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,14 +64,39 @@ def check_device(device: str, where: str = "device", one_gpu_per_job: bool = Fal
                           "trainings to GPU workers with --scheduler", key="device")
 
 
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key of /proc/cpuinfo (x86 Linux); empty where there is none."""
+    info: dict[str, str] = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name, e.g. "AMD EPYC", as the benchmarks record it."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic that oneDNN uses (AVX-512 BF16 or AMX); False where it cannot tell."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return torch.backends.mkldnn.is_available() and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training and inference on `device`, None for float32 (TrainConfig.amp_dtype)."""
     if not cfg.amp:
         return None
     if cfg.amp_dtype != "auto":
         return getattr(torch, cfg.amp_dtype)
-    if device.type != "cuda":
-        return None  # bf16 on a CPU is slower than fp32 on most CPUs
+    if device.type != "cuda":  # bf16 on a CPU without it in hardware is emulated: slower than fp32
+        return torch.bfloat16 if cfg.cpu_bf16 and cpu_computes_bf16() else None
     # Before compute capability 8 (T4, V100, P100) torch emulates bf16: slower than fp32, while fp16 runs on the
     # tensor cores of T4 and V100. ROCm GPUs compute bf16.
     native_bf16 = torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8

@@ -236,6 +236,13 @@ def _make_pool(pooling: str) -> tuple[nn.Module, int]:
     return pool, pool.feat_mult()
 
 
+def map_channels(backbone: nn.Module) -> int:
+    """Channels of the feature map a timm backbone built with ``global_pool=""`` returns: its ``head_hidden_size``
+    where the model's head convolves after the pooling (MobileNetV3/V4, GhostNet, LCNet: that 1x1 conv then runs on
+    the map, 960 -> 1280 channels), else ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 class PercentageRegressor(nn.Module):
     """timm backbone -> pooling -> dropout -> head; ``forward`` returns a dict of named outputs (see module doc)."""
 
@@ -249,7 +256,7 @@ class PercentageRegressor(nn.Module):
         self.head_type = head
         self.pooling_type = pooling
         self.pool, feat_mult = _make_pool(pooling)
-        self.num_features = backbone.num_features * feat_mult
+        self.num_features = map_channels(backbone) * feat_mult
         self.dropout = nn.Dropout(drop_rate)
         if head == "reg":
             self.head_reg = nn.Linear(self.num_features, 1)

@@ -156,6 +156,25 @@ def cross_validation(table: pd.DataFrame, per_fold: pd.DataFrame, title: str = "
     return fig
 
 
+def speed_accuracy_front(points: pd.DataFrame, front: pd.DataFrame, marked: str | None = None) -> plt.Figure:
+    """Out-of-fold MAE against training seconds per fold, one dot per model (`points`: model, seconds, MAE), the
+    front (`front`: the points no other beats on both, utils.front.pareto_front) as a line, `marked` as a star."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter(points["seconds"], points["MAE"], color="steelblue", zorder=3)
+    for _, row in points.iterrows():
+        ax.annotate(row["model"], (row["seconds"], row["MAE"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.step(front["seconds"], front["MAE"], where="post", color="darkorange", label="front", zorder=2)
+    if marked is not None and marked in set(points["model"]):
+        row = points[points["model"] == marked].iloc[0]
+        ax.scatter([row["seconds"]], [row["MAE"]], marker="*", s=260, color="crimson", zorder=4,
+                   label=f"{marked} (today's profile)")
+    ax.set(xlabel="training seconds per fold", ylabel="out-of-fold MAE (5-fold CV; lower is better)",
+           title="accuracy against training time on this CPU")
+    ax.legend(loc="upper right", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def coverage_by_class(tables: dict[str, pd.DataFrame], level: float) -> plt.Figure:
     """Coverage of the prediction intervals overall and per true severity class, one bar group per method
     (utils.intervals.coverage_table), the nominal level as a line; the mean width on each bar."""

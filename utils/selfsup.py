@@ -116,7 +116,7 @@ class SelfSupModel(nn.Module):
         super().__init__()
         self.method = cfg.method
         self.backbone = models.build_model(cfg.arch, head="reg", pooling="avg", in_chans=cfg.in_chans).backbone
-        width = self.backbone.num_features
+        width = models.map_channels(self.backbone)
         self.projector = nn.Sequential(nn.Linear(width, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
                                        nn.Linear(512, cfg.projection_dim))
         self.predictor = nn.Sequential(nn.Linear(cfg.projection_dim, 64), nn.BatchNorm1d(64), nn.ReLU(inplace=True),

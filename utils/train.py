@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from utils import augment, csvfiles, data, ensemble, files, losses, machine, models, sam
+from utils import augment, csvfiles, data, ensemble, files, losses, machine, mixup, models, sam
 from utils.config import PathSettings, RunPaths, TrainConfig
 from utils.metrics import score
 
@@ -284,7 +284,7 @@ def load_checkpoint(fold_dir: Path, epoch: int, device: torch.device | str = "cp
 
 
 # Fields that change how a run executes but not what it learns: a fold may be resumed with other values.
-EXECUTION_ONLY_FIELDS = {"folds", "num_workers", "compile", "device", "amp_dtype"}
+EXECUTION_ONLY_FIELDS = {"folds", "num_workers", "compile", "device", "amp_dtype", "cpu_bf16"}
 
 
 def _has_results(fold_dir: Path) -> bool:
@@ -407,6 +407,9 @@ class _FoldTraining:
         self.optimizer = build_optimizer(self.model, cfg)
         self.transform = augment.training_transform(cfg)
         train_set = _training_dataset(fit, pseudo, self.transform)
+        self.pairs = None if cfg.mixup == "none" else \
+            mixup.MixedPairs(train_set, _training_labels(fit, pseudo), cfg.mixup, cfg.mixup_alpha, cfg.cmixup_sigma)
+        train_set = self.pairs or train_set
         self.steps_per_epoch = len(train_set) // cfg.batch_size if len(train_set) > cfg.batch_size else 1
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
@@ -447,6 +450,8 @@ class _FoldTraining:
         self.loader.sampler.set_epoch(epoch)
         if self.loader.num_workers == 0:  # in-process augmentation: its stream is a function of (seed, fold, epoch)
             self.transform.set_seed(cfg.seed * 100_003 + self.fold * 1009 + epoch)
+            if self.pairs is not None:
+                self.pairs.set_seed(cfg.seed * 100_003 + self.fold * 1009 + epoch)
         sums: dict[str, torch.Tensor] = {}
         not_finite = torch.zeros((), dtype=torch.int64, device=self.device)
         counted = torch.zeros((), dtype=torch.float64, device=self.device)  # the slices of finite-loss steps
