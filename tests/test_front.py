@@ -35,6 +35,18 @@ def test_a_failing_model_is_a_row_with_a_note_and_the_run_goes_on(tmp_path):
     assert len(again) == 2  # what is in the file is not measured again
 
 
+def test_out_never_overwrites_a_file_that_is_not_a_speed_table(tmp_path):
+    submission = tmp_path / "val.csv"
+    submission.write_text("Image_0001.png,12\nImage_0002.png,0\n")
+    with pytest.raises(front.FrontError, match="not a speed table"):
+        front.measure_front(["resnet10t"], [32], ["fp32"], submission, seconds=0.05, threads=1)
+    assert submission.read_text() == "Image_0001.png,12\nImage_0002.png,0\n"
+    binary = tmp_path / "weights.csv"
+    binary.write_bytes(b"\x80\x81\x00\xff" * 10)
+    with pytest.raises(front.FrontError, match="cannot be read as a speed table|not a speed table"):
+        front.read_speed(binary)
+
+
 def test_epochs_fill_the_budget():
     assert front.epochs_for(400, 107.7, 2244) == 19  # 400 x 107.7 / 2244 = 19.2
     assert front.epochs_for(400, 76.3, 2244) == 14  # 13.6
@@ -53,6 +65,8 @@ def test_the_summary_puts_formats_side_by_side():
     rows = [("r", 96, "fp32", 100.0), ("r", 96, "bf16_cl", 220.0), ("m", 96, "fp32", 150.0), ("m", 96, "bf16_cl", 90.0)]
     speed = pd.DataFrame([{"model": m, "size": s, "format": f, "train_img_s": v, "predict_img_s": 2 * v,
                            "params_m": 1.0, "gmacs": 0.1} for m, s, f, v in rows])
+    speed.loc[len(speed)] = {"model": "x", "size": 96, "format": "fp32", "train_img_s": np.nan, "predict_img_s": np.nan,
+                             "params_m": 1.0, "gmacs": 0.1}  # a point that failed: left out
     table = front.summary(speed).set_index("model")
     assert table.loc["r", "best"] == "bf16_cl" and table.loc["r", "speedup_vs_fp32"] == pytest.approx(2.2)
     assert table.loc["m", "best"] == "fp32" and table.index.tolist() == ["r", "m"]  # fastest first
@@ -80,3 +94,20 @@ def test_planned_seconds_come_from_the_speed_table(tmp_path, monkeypatch):
     assert front.format_of(TrainConfig(cpu_bf16=True, channels_last=False)) == "bf16"
     monkeypatch.setattr(machine, "cpu_computes_bf16", lambda: False)
     assert front.format_of(TrainConfig(cpu_bf16=True)) == "fp32_cl"  # fp32 where bf16 is not native
+
+
+def test_a_bf16_recipe_on_a_cpu_without_bf16_is_said_before_it_runs(monkeypatch, caplog):
+    from utils import pipeline
+
+    configs = [TrainConfig(model_name="fast", cpu_bf16=True, device="cpu"),
+               TrainConfig(model_name="plain", device="cpu")]
+    monkeypatch.setattr(machine, "cpu_computes_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="utils.pipeline"):
+        pipeline.warn_emulated_bf16(configs)
+    assert not caplog.records  # bf16 in hardware: the profile's time holds
+    monkeypatch.setattr(machine, "cpu_computes_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="utils.pipeline"):
+        pipeline.warn_emulated_bf16(configs)
+    (record,) = caplog.records
+    assert "cpu_bf16 (fast)" in record.getMessage() and "fp32" in record.getMessage() and "plain" not in \
+        record.getMessage()

@@ -138,6 +138,19 @@ def cpu_name() -> str:
     return f"{machine.cpu_model()}{' (bf16 native)' if machine.cpu_computes_bf16() else ''}"
 
 
+def read_speed(path: str | Path) -> pd.DataFrame:
+    """A speed table written by `speed`; anything else is a FrontError (so `--out` never overwrites another file)."""
+    way_out = "name a new file for --out (or the speed table to add rows to)"
+    try:
+        table = csvfiles.read_frame(path, ("model", "format", "cpu", "torch", "note"))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise FrontError(f"{path} cannot be read as a speed table ({type(error).__name__}): {way_out}") from None
+    missing = [c for c in ("model", "size", "format", "train_img_s", "predict_img_s") if c not in table.columns]
+    if missing:
+        raise FrontError(f"{path} is not a speed table of utils.front (no column {', '.join(missing)}): {way_out}")
+    return table
+
+
 def _measure_apart(arch: str, size: int, fmt: str, seconds: float, threads: int) -> dict[str, Any]:
     """`measure_point` in a fresh process: every point starts from the same state (no allocator or oneDNN caches of
     the models before it), and a model that crashes torch (fastvit_t8 in fp32 on this CPU: "double free") is a row
@@ -160,8 +173,7 @@ def measure_front(archs: Sequence[str], sizes: Sequence[int], formats: Sequence[
     for fmt in formats:
         recipe(archs[0], sizes[0], fmt)  # unknown formats refused before the first measurement
     out, threads = Path(out), threads or machine.usable_cores()
-    table = csvfiles.read_frame(out, ("model", "format", "cpu", "torch", "note")) if out.is_file() else \
-        pd.DataFrame(columns=SPEED_COLUMNS)
+    table = read_speed(out) if out.exists() else pd.DataFrame(columns=SPEED_COLUMNS)
     done = set(zip(table["model"], table["size"].astype(int), table["format"]))
     for arch in archs:
         for size in sizes:
@@ -234,6 +246,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     (contiguous) and its predict img/s, fastest first within each size."""
     table = table.assign(size=table["size"].astype(int), train_img_s=table["train_img_s"].astype(float),
                          predict_img_s=table["predict_img_s"].astype(float))
+    table = table[table["train_img_s"].notna()]  # points that failed (their note says why)
     wide = table.pivot_table(index=["model", "size"], columns="format", values="train_img_s", aggfunc="last")
     best = table.loc[table.groupby(["model", "size"])["train_img_s"].idxmax()].set_index(["model", "size"])
     out = wide.assign(best=best["format"], best_train_img_s=best["train_img_s"],
@@ -287,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads or machine.usable_cores())
         print(json.dumps(measure_point(args.arch, args.size, args.format, args.seconds)))
     elif args.command == "summary":
-        table = summary(csvfiles.read_frame(args.speed, ("model", "format", "cpu", "torch")))
+        table = summary(read_speed(args.speed))
         print(table.to_string(index=False, float_format="%.1f"))
     elif args.command == "epochs":
-        table = csvfiles.read_frame(args.speed, ("model", "format", "cpu", "torch"))
+        table = read_speed(args.speed)
         for arch, size, fmt in args.points:
             img_s = float(speed_of(table, arch, size, fmt)["train_img_s"])
             print(f"{arch}:{size}:{fmt}  {img_s:.1f} img/s  epochs {epochs_for(args.seconds, img_s, args.images)}")
@@ -298,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from utils import report
         from utils.sweep import cv_table
 
-        speed_table = csvfiles.read_frame(args.speed, ("model", "format", "cpu", "torch", "note"))
+        speed_table = read_speed(args.speed)
         seconds = planned_seconds(args.run_dir, speed_table).groupby("model")["planned_seconds"].mean()
         points = cv_table(args.run_dir).set_index("model").join(seconds.rename("seconds"), how="inner").reset_index()
         front = pareto_front(points, "seconds", "MAE")

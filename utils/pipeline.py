@@ -216,6 +216,7 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
     if runner.scheduler is None:
         for cfg in configs:
             machine.check_device(cfg.device, one_gpu_per_job=True)
+        warn_emulated_bf16(configs)
     else:
         jobs.check_scheduler(runner.scheduler)
     if runner.jobs is not None:
@@ -227,6 +228,16 @@ def check_machine(run: runs.Run, runner: jobs.Runner) -> None:
             log.info("--jobs %d: this run has at most %d training(s) at once; starting %d worker(s)", runner.jobs,
                      most, most)
             runner.jobs = most
+
+
+def warn_emulated_bf16(configs: Sequence[Any]) -> None:
+    """A recipe whose epochs were sized for bf16 on the CPU (`cpu_bf16`) trains in fp32 on a CPU without bf16 in
+    hardware: it still runs, the same recipe, but in about twice the time its profile states; said before 00."""
+    names = sorted({cfg.model_name for cfg in configs if cfg.cpu_bf16 and cfg.amp and cfg.amp_dtype == "auto"
+                    and machine.resolve_device(cfg.device).type == "cpu"})
+    if names and not machine.cpu_computes_bf16():
+        log.warning("cpu_bf16 (%s): this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX), so these trainings run "
+                    "in fp32, in about 2x the time the profile states (-p epochs N: fewer epochs)", ", ".join(names))
 
 
 def check_weights(run: runs.Run, runner: jobs.Runner, stages: Sequence[str] = STAGES, force: bool = False) -> None:
