@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("run_dir")
     plot.add_argument("--speed", required=True, help="the speed CSV the run's epochs were planned from")
     plot.add_argument("--out", required=True, help="the PNG")
-    plot.add_argument("--marked", help="the model to mark (today's profile)")
+    plot.add_argument("--marked", help="the model to mark (the baseline every arm is paired against)")
     args = parser.parse_args(argv)
 
     if args.command == "speed":

@@ -237,7 +237,8 @@ def warn_emulated_bf16(configs: Sequence[Any]) -> None:
                     and machine.resolve_device(cfg.device).type == "cpu"})
     if names and not machine.cpu_computes_bf16():
         log.warning("cpu_bf16 (%s): this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX), so these trainings run "
-                    "in fp32, in about 2x the time the profile states (-p epochs N: fewer epochs)", ", ".join(names))
+                    "in fp32, in about 2x the time the profile states (-p epochs N, half its epochs, keeps that time)",
+                    ", ".join(names))
 
 
 def check_weights(run: runs.Run, runner: jobs.Runner, stages: Sequence[str] = STAGES, force: bool = False) -> None:

@@ -167,7 +167,7 @@ def speed_accuracy_front(points: pd.DataFrame, front: pd.DataFrame, marked: str 
     if marked is not None and marked in set(points["model"]):
         row = points[points["model"] == marked].iloc[0]
         ax.scatter([row["seconds"]], [row["MAE"]], marker="*", s=260, color="crimson", zorder=4,
-                   label=f"{marked} (today's profile)")
+                   label=f"{marked} (the baseline)")
     ax.set(xlabel="training seconds per fold", ylabel="out-of-fold MAE (5-fold CV; lower is better)",
            title="accuracy against training time on this CPU")
     ax.legend(loc="upper right", fontsize=9)
