@@ -209,8 +209,7 @@ def speed_of(table: pd.DataFrame, arch: str, size: int, fmt: str) -> pd.Series:
 
 def format_of(cfg: TrainConfig) -> str:
     """The front's format name of a recipe on this CPU (bf16: amp_dtype bfloat16, or cpu_bf16 where it is native)."""
-    bf16 = cfg.amp and (cfg.amp_dtype == "bfloat16" or (cfg.amp_dtype == "auto" and cfg.cpu_bf16 and
-                                                        machine.cpu_computes_bf16()))
+    bf16 = machine.amp_dtype(cfg, torch.device("cpu")) == torch.bfloat16  # the dtype training itself takes
     return ("bf16" if bf16 else "fp32") + ("_cl" if cfg.channels_last else "") + ("_compile" if cfg.compile else "")
 
 
